@@ -61,6 +61,229 @@ def info(model: ModelOpt = None, yaml: YamlOpt = None) -> None:
     out.print(describe_model(model, yaml))
 
 
+# train
+
+
+class Preset(str, Enum):
+    small = "small"
+    aim_x8 = "aim-x8"
+    ntire_x4 = "ntire-x4"
+
+
+TRAIN_EXAMPLES = """
+Examples:
+
+  deflow-synth train --clean photos/ --degraded camera/ --out runs/camera
+
+  deflow-synth train --clean photos/ --degraded camera/ --out runs/camera --resume
+
+  torchrun --nproc_per_node 4 --no-python deflow-synth train --clean photos/ --degraded camera/
+  --out runs/camera --preset ntire-x4
+"""
+
+
+@app.command(epilog=TRAIN_EXAMPLES)
+def train(
+    clean: Annotated[
+        Path, typer.Option("--clean", help="Folder of clean HR photos (searched recursively).")
+    ],
+    degraded: Annotated[
+        Path,
+        typer.Option(
+            "--degraded",
+            help="Folder of real degraded images, at the resolution the SR model will be fed.",
+        ),
+    ],
+    run_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Run folder: cache, log, checkpoint, sample sheets, model.pt and model.json.",
+        ),
+    ],
+    scale: Annotated[
+        Optional[int],
+        typer.Option("--scale", help="SR factor: clean photos are downsampled by it [default 4]."),
+    ] = None,
+    preset: Annotated[
+        Preset, typer.Option("--preset", help="Model size and training defaults.")
+    ] = Preset.small,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", help="Optimiser steps [default: per preset].")
+    ] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--batch-size",
+            help="Patches per step and device, half from each domain [default: per preset].",
+        ),
+    ] = None,
+    patch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--patch-size",
+            help="Patch side at model resolution, a multiple of 8 [default: per preset].",
+        ),
+    ] = None,
+    lr: Annotated[
+        Optional[float], typer.Option("--lr", help="Learning rate [default: per preset].")
+    ] = None,
+    shift_lr: Annotated[
+        Optional[float],
+        typer.Option("--shift-lr", help="Learning rate of the domain shift [default: per preset]"),
+    ] = None,
+    normalize_colors: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--normalize-colors/--no-normalize-colors",
+            help="Map degraded images to clean colour statistics (on for aim-x8).",
+        ),
+    ] = None,
+    paired: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--paired",
+            help="Optional folder with aligned hr/ and lr/ pairs (same names) for Eq. 5.",
+        ),
+    ] = None,
+    device: DeviceOpt = Device.auto,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed [default: 0].")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")
+    ] = False,
+    checkpoint_every: Annotated[
+        Optional[int],
+        typer.Option("--checkpoint-every", help="Steps between checkpoints [default: per preset]"),
+    ] = None,
+    validate_every: Annotated[
+        Optional[int],
+        typer.Option(
+            "--validate-every",
+            help="Steps between validations and sample sheets [default: per preset].",
+        ),
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", help="Processes preparing the downsampled copies.")
+    ] = min(8, os.cpu_count() or 1),
+) -> None:
+    """Learn a degradation from unpaired clean and degraded images (DeFlow)."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    from .log import logger
+    from .train import DataFolders, train_config
+    from .train import train as run_training
+
+    config = train_config(
+        preset.value,
+        scale=scale,
+        steps=steps,
+        batch_size=batch_size,
+        patch_size=patch_size,
+        lr=lr,
+        shift_lr=shift_lr,
+        normalize_colors=normalize_colors,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        validate_every=validate_every,
+    )
+    folders = DataFolders(clean, degraded, paired)
+
+    # Only rank 0 of a torchrun launch talks to the terminal.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    warnings = RichHandler(console=console, show_time=False, show_path=False)
+    warnings.setLevel(logging.WARNING)
+    if main_rank:
+        logger.addHandler(warnings)
+    try:
+        with TrainProgress(enabled=main_rank) as progress:
+            result = run_training(
+                folders, run_dir, config, device=device.value, resume=resume, jobs=jobs,
+                on_progress=progress.update,
+            )
+    finally:
+        logger.removeHandler(warnings)
+
+    if main_rank:
+        out.print(train_summary(result))
+    if result.interrupted:
+        if main_rank:
+            console.print(
+                f"Stopped at step {result.step} of {result.total}; continue with the same "
+                "command and --resume.",
+                highlight=False,
+            )
+        raise typer.Exit(130)
+
+
+class TrainProgress:
+    """A rich progress bar fed by :class:`deflow_synth.train.Progress` reports."""
+
+    def __init__(self, enabled: bool):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+            disable=not enabled,
+        )
+        self.task = None
+
+    def __enter__(self) -> "TrainProgress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.stop()
+
+    def update(self, report) -> None:
+        nll = "  ".join(f"{name} {value:.3f}" for name, value in report.nll.items())
+        status = f"{nll} bits/dim  {report.steps_per_second:.2f} steps/s"
+        if self.task is None:
+            self.task = self.bar.add_task("train", total=report.total, status=status)
+        self.bar.update(self.task, completed=report.step, total=report.total, status=status)
+        if report.validation:
+            values = ", ".join(f"{k} {v:.4f}" for k, v in report.validation.items())
+            self.bar.console.print(f"step {report.step}: validation NLL {values} bits/dim")
+
+
+def train_summary(result):
+    """The table printed at the end of ``train``."""
+    from rich.table import Table
+
+    table = Table(title="deflow-synth train", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rate = result.step / result.seconds if result.seconds else 0.0
+    table.add_row("steps", f"{result.step} / {result.total}")
+    table.add_row("time", f"{result.seconds / 60:.1f} min ({rate:.2f} steps/s overall)")
+    for name, value in result.validation.items():
+        table.add_row(f"NLL {name}", f"{value:.4f} bits/dim")
+    table.add_row("images", ", ".join(f"{k} {v}" for k, v in result.counts.items()))
+    table.add_row("skipped files", str(len(result.skipped)))
+    table.add_row("model", str(result.model) if result.model else "not exported yet")
+    table.add_row("checkpoint", str(result.checkpoint))
+    if result.sheet is not None:
+        table.add_row("samples", str(result.sheet))
+    table.add_row("log", str(result.run_dir / "train.log"))
+
+    return table
+
+
 def main() -> None:
     """Entry point: known errors become one stderr line and exit code 1."""
     try:

@@ -1,0 +1,351 @@
+"""Training data: image folders, cached copies at model resolution, and random patches.
+
+Both domains live at the *model resolution*: clean HR photos are downsampled once by the SR
+scale with MATLAB-style bicubic and cached as 16-bit arrays in the run folder; degraded images
+are cached as they are. Patches are drawn so that every batch is a pure function of the seed
+and the step, which is what lets an interrupted run resume exactly where it stopped.
+"""
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._basicsr import imresize
+from .errors import DeflowError
+from .log import logger
+
+__all__ = [
+    "CachedImage",
+    "PatchSampler",
+    "SkippedFile",
+    "cache_images",
+    "cache_pairs",
+    "color_statistics",
+    "condition_images",
+    "list_images",
+    "match_pairs",
+    "shard",
+    "split_held_out",
+]
+
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
+)
+
+# Cached arrays hold [0, 1] values as 16-bit integers: finer than any 8-bit input, half the
+# disk of float32. Bump the version whenever the cached content changes meaning.
+CACHE_LEVELS = 65535
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that cannot be used, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """One usable image: its source file and its cached copy at model resolution.
+
+    Arguments:
+        source: the user's image file.
+        array: the cached (H, W, 3) uint16 .npy file.
+        height: rows of the cached copy.
+        width: columns of the cached copy.
+    """
+
+    source: Path
+    array: Path
+    height: int
+    width: int
+
+    def crop(self, top: int, left: int, size: int) -> np.ndarray:
+        """The (size, size, 3) float32 patch at (top, left), values in [0, 1]."""
+        cached = np.load(self.array, mmap_mode="r")
+        patch = np.asarray(cached[top : top + size, left : left + size], dtype=np.float32)
+
+        return patch / CACHE_LEVELS
+
+    def load(self) -> np.ndarray:
+        """The whole cached image, (H, W, 3) float32 in [0, 1]."""
+        return self.crop(0, 0, max(self.height, self.width))
+
+
+# Folders
+
+
+def list_images(folder: Path, role: str) -> tuple[list[Path], list[SkippedFile]]:
+    """Image files under ``folder`` (recursively, sorted) and the other files found there.
+
+    Hidden files are ignored. Raises DeflowError when the folder does not exist or holds no
+    file at all with an image suffix.
+
+    Arguments:
+        folder: the folder to scan.
+        role: what the folder holds, for messages ("clean", "degraded", ...).
+    """
+    if not folder.is_dir():
+        raise DeflowError(f"{role} folder {folder} does not exist or is not a folder")
+
+    images, others = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        else:
+            others.append(SkippedFile(path, f"not an image file (suffix {path.suffix!r})"))
+
+    if not images:
+        raise DeflowError(
+            f"{role} folder {folder} holds no images "
+            f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+
+    return images, others
+
+
+def match_pairs(
+    hr_paths: Sequence[Path], hr_root: Path, lr_paths: Sequence[Path], lr_root: Path
+) -> tuple[list[tuple[Path, Path]], list[SkippedFile]]:
+    """(HR, LR) files with the same relative name (the suffix may differ), and the unmatched."""
+
+    def key(path: Path, root: Path) -> str:
+        return path.relative_to(root).with_suffix("").as_posix()
+
+    lr_by_key = {key(p, lr_root): p for p in lr_paths}
+    pairs, unmatched = [], []
+    for hr in hr_paths:
+        lr = lr_by_key.pop(key(hr, hr_root), None)
+        if lr is None:
+            unmatched.append(SkippedFile(hr, f"no LR image of the same name in {lr_root}"))
+        else:
+            pairs.append((hr, lr))
+    for lr in lr_by_key.values():
+        unmatched.append(SkippedFile(lr, f"no HR image of the same name in {hr_root}"))
+
+    return pairs, unmatched
+
+
+# Cache
+
+
+@dataclass(frozen=True)
+class _CacheResult:
+    shape: tuple[int, int] | None
+    error: str | None
+
+
+def cache_name(source: Path, downscale: int) -> str:
+    """File name of the cached copy: changes whenever the source file or the scale does."""
+    stat = source.stat()
+    fingerprint = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{downscale}"
+    digest = hashlib.sha1(f"{fingerprint}|{CACHE_VERSION}".encode()).hexdigest()[:16]
+
+    return f"{source.stem[:40]}-{digest}.npy"
+
+
+def _cache_one(source: Path, downscale: int, target: Path) -> _CacheResult:
+    from .imageio import ImageError, read_image
+
+    if target.exists():
+        try:
+            return _CacheResult(np.load(target, mmap_mode="r").shape[:2], None)
+        except (OSError, ValueError):
+            logger.info("rebuilding unreadable cache file %s", target)
+
+    try:
+        image = read_image(source)
+    except ImageError as error:
+        return _CacheResult(None, str(error))
+    if downscale > 1:
+        image = np.clip(imresize(image, 1 / downscale), 0, 1)
+
+    quantized = np.round(image * CACHE_LEVELS).astype(np.uint16)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as file:
+        np.save(file, quantized)
+    os.replace(temporary, target)
+
+    return _CacheResult(quantized.shape[:2], None)
+
+
+def cache_images(
+    paths: Sequence[Path], downscale: int, cache_dir: Path, min_side: int, jobs: int = 1
+) -> tuple[list[CachedImage], list[SkippedFile]]:
+    """Read, downsample and cache images in parallel; return the usable ones and the skipped.
+
+    Copies already in ``cache_dir`` are reused, so a resumed run prepares nothing again.
+
+    Arguments:
+        paths: image files.
+        downscale: integer factor of the MATLAB-style bicubic downsampling (1 keeps the size).
+        cache_dir: folder of the cached arrays (created if needed).
+        min_side: images whose cached copy is smaller than this on a side are skipped.
+        jobs: joblib worker processes (1 works in this process).
+    """
+    from joblib import Parallel, delayed
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    targets = [cache_dir / cache_name(path, downscale) for path in paths]
+    if jobs > 1:
+        work = (delayed(_cache_one)(p, downscale, t) for p, t in zip(paths, targets, strict=True))
+        results = Parallel(n_jobs=jobs)(work)
+    else:
+        results = [_cache_one(p, downscale, t) for p, t in zip(paths, targets, strict=True)]
+
+    images, skipped = [], []
+    for path, target, result in zip(paths, targets, results, strict=True):
+        if result.error is not None:
+            skipped.append(SkippedFile(path, result.error))
+            continue
+        height, width = result.shape
+        if min(height, width) < min_side:
+            resized = f" after downsampling by {downscale}" if downscale > 1 else ""
+            skipped.append(SkippedFile(
+                path, f"{width}x{height} px{resized}, smaller than the {min_side}-px patch"
+            ))
+            continue
+        images.append(CachedImage(path, target, height, width))
+
+    return images, skipped
+
+
+def cache_pairs(
+    pairs: Sequence[tuple[Path, Path]],
+    downscale: int,
+    cache_dir: Path,
+    min_side: int,
+    jobs: int = 1,
+) -> tuple[list[tuple[CachedImage, CachedImage]], list[SkippedFile]]:
+    """Cache aligned (HR, LR) pairs: the HR image downsampled by ``downscale`` must have the
+    LR image's size. Returns the usable (clean, degraded) pairs and the skipped files."""
+    clean, skipped = cache_images([hr for hr, _ in pairs], downscale, cache_dir, min_side, jobs)
+    degraded, lr_skipped = cache_images([lr for _, lr in pairs], 1, cache_dir, min_side, jobs)
+    skipped += lr_skipped
+
+    clean_by_source = {image.source: image for image in clean}
+    degraded_by_source = {image.source: image for image in degraded}
+    usable = []
+    for hr, lr in pairs:
+        x, y = clean_by_source.get(hr), degraded_by_source.get(lr)
+        if x is None or y is None:
+            continue
+        if (x.height, x.width) != (y.height, y.width):
+            skipped.append(SkippedFile(lr, (
+                f"{y.width}x{y.height} px, but its HR partner {hr.name} downsampled by "
+                f"{downscale} is {x.width}x{x.height} px"
+            )))
+            continue
+        usable.append((x, y))
+
+    return usable, skipped
+
+
+# Splits
+
+
+def split_held_out(
+    images: Sequence, fraction: float, max_count: int, min_train: int
+) -> tuple[list, list]:
+    """(training, held-out) with evenly spaced held-out items; none when too few remain."""
+    count = min(max_count, int(len(images) * fraction))
+    if len(images) - count < min_train or count == 0:
+        return list(images), []
+
+    stride = len(images) / count
+    held = {int(stride * (i + 0.5)) for i in range(count)}
+
+    training = [item for i, item in enumerate(images) if i not in held]
+    return training, [images[i] for i in sorted(held)]
+
+
+def shard(items: Sequence, rank: int, world_size: int) -> list:
+    """The items of one rank under data parallelism; all of them when there are too few."""
+    if len(items) < world_size:
+        return list(items)
+
+    return list(items[rank::world_size])
+
+
+# Statistics
+
+
+def color_statistics(images: Sequence[CachedImage]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (3,) over every pixel of the images."""
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    count = 0
+    for image in images:
+        pixels = image.load().reshape(-1, 3).astype(np.float64)
+        total += pixels.sum(0)
+        squares += (pixels**2).sum(0)
+        count += len(pixels)
+
+    mean = total / count
+    return mean, np.sqrt(np.maximum(squares / count - mean**2, 0))
+
+
+# Patches
+
+
+class PatchSampler:
+    """Random square patches with random flips, from groups of equally sized images.
+
+    A group is one image for unpaired data, or (clean, degraded) for aligned pairs: the same
+    crop and flips are applied to every member. Images are picked in proportion to their area.
+    Every draw is a pure function of (seed, stream, step, rank).
+
+    Arguments:
+        groups: sequences of CachedImage of equal size.
+        patch_size: side P of the patches.
+        seed: the run's seed.
+        stream: separates the draws of different samplers with the same seed.
+    """
+
+    def __init__(
+        self, groups: Sequence[Sequence[CachedImage]], patch_size: int, seed: int, stream: int
+    ):
+        if not groups:
+            raise ValueError("PatchSampler needs at least one image")
+        self.groups = [tuple(group) for group in groups]
+        self.patch_size = patch_size
+        self.seed = seed
+        self.stream = stream
+
+        areas = np.array([g[0].height * g[0].width for g in self.groups], dtype=np.float64)
+        self.weights = areas / areas.sum()
+
+    def draw(self, step: int, count: int, rank: int = 0) -> list[np.ndarray]:
+        """One (count, P, P, 3) float32 array per group member."""
+        rng = np.random.default_rng([self.seed, self.stream, step, rank])
+        size = self.patch_size
+        picks = rng.choice(len(self.groups), size=count, p=self.weights)
+
+        members = [[] for _ in self.groups[0]]
+        for index in picks:
+            group = self.groups[index]
+            top = int(rng.integers(group[0].height - size + 1))
+            left = int(rng.integers(group[0].width - size + 1))
+            flip_rows, flip_columns = rng.random(2) < 0.5
+            for patches, image in zip(members, group, strict=True):
+                patch = image.crop(top, left, size)
+                patch = patch[::-1] if flip_rows else patch
+                patches.append(patch[:, ::-1] if flip_columns else patch)
+
+        return [np.ascontiguousarray(np.stack(patches)) for patches in members]
+
+
+def condition_images(patches: np.ndarray, scale: int) -> np.ndarray:
+    """The condition image h of every patch: (N, P, P, 3) downsampled to (N, P/s, P/s, 3)."""
+    return np.stack([imresize(patch, 1 / scale) for patch in patches]).astype(np.float32)
