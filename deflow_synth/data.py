@@ -144,6 +144,33 @@ def match_pairs(
 class _CacheResult:
     shape: tuple[int, int] | None
     error: str | None
+    note: str | None = None
+
+
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N"})
+ALPHA_MODES = frozenset({"LA", "La", "RGBA", "RGBa", "PA"})
+
+
+def conversion_note(path: Path) -> str | None:
+    """What reading the file as 8-bit-or-better RGB changes, from its header; None if nothing."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        mode = image.mode
+        alpha = mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info)
+        sixteen = mode.startswith("I;16") or any("16" in str(tile.args) for tile in image.tile)
+
+    notes = []
+    if sixteen:
+        notes.append("16-bit values read at full precision")
+    if mode in GRAYSCALE_MODES:
+        notes.append("grayscale, repeated over R, G and B")
+    if mode == "CMYK":
+        notes.append("CMYK, converted to RGB")
+    if alpha:
+        notes.append("transparency composited over white")
+
+    return "; ".join(notes) or None
 
 
 def cache_name(source: Path, downscale: int) -> str:
@@ -166,8 +193,9 @@ def _cache_one(source: Path, downscale: int, target: Path) -> _CacheResult:
 
     try:
         image = read_image(source)
+        note = conversion_note(source)
     except ImageError as error:
-        return _CacheResult(None, str(error))
+        return _CacheResult(None, str(error).removeprefix(f"{source}: "))
     if downscale > 1:
         image = np.clip(imresize(image, 1 / downscale), 0, 1)
 
@@ -177,7 +205,7 @@ def _cache_one(source: Path, downscale: int, target: Path) -> _CacheResult:
         np.save(file, quantized)
     os.replace(temporary, target)
 
-    return _CacheResult(quantized.shape[:2], None)
+    return _CacheResult(quantized.shape[:2], None, note)
 
 
 def cache_images(
@@ -209,6 +237,8 @@ def cache_images(
         if result.error is not None:
             skipped.append(SkippedFile(path, result.error))
             continue
+        if result.note is not None:
+            logger.warning("%s: %s", path, result.note)
         height, width = result.shape
         if min(height, width) < min_side:
             resized = f" after downsampling by {downscale}" if downscale > 1 else ""

@@ -895,7 +895,7 @@ def _loop(
 
             # A non-finite loss or gradient skips the step; too many in a row end the run.
             finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
-            bad, stopping = all_max([float(not finite), float(stop.requested)], context)
+            bad = all_max([float(not finite)], context)[0]
             if bad:
                 bad_in_row += 1
                 logger.warning("step %d skipped: loss %s, gradient norm %s",
@@ -926,17 +926,17 @@ def _loop(
                 )
                 window = {}
 
-            # Checkpoint and validate at their intervals; stop cleanly when asked.
+            # Validate and checkpoint at their intervals; stop cleanly when asked.
             done = step >= config.steps
-            checkpoint_due = not bad and (step % config.checkpoint_every == 0 or done)
             validate_due = not bad and step % config.validate_every == 0 and not done
             if context.is_main and validate_due:
                 run_validation()
-            if checkpoint_due or stopping:
-                save()
             if context.is_main and on_progress is not None:
                 on_progress(Progress(step, config.steps, dict(running), rate, config.lr * factor,
                                      validation if validate_due else None, bool(bad)))
+            stopping = all_max([float(stop.requested)], context)[0]
+            if (not bad and (step % config.checkpoint_every == 0 or done)) or stopping:
+                save()
             if stopping and not done:
                 logger.warning("stopped at step %d; checkpoint saved to %s", step, checkpoint)
                 break
