@@ -244,16 +244,17 @@ class TrainProgress:
         self.task = None
 
     def __enter__(self) -> "TrainProgress":
-        self.bar.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.bar.stop()
+        if self.task is not None:
+            self.bar.stop()
 
     def update(self, report) -> None:
         nll = "  ".join(f"{name} {value:.3f}" for name, value in report.nll.items())
         status = f"{nll} bits/dim  {report.steps_per_second:.2f} steps/s"
         if self.task is None:
+            self.bar.start()
             self.task = self.bar.add_task("train", total=report.total, status=status)
         self.bar.update(self.task, completed=report.step, total=report.total, status=status)
         if report.validation:

@@ -757,6 +757,8 @@ def train(
         jobs: joblib workers preparing the cached images.
         on_progress: called on rank 0 after every step.
     """
+    if not resume:
+        config.check()
     context = start_distributed(device)
     handler = None
     try:
@@ -764,6 +766,10 @@ def train(
             run_dir.mkdir(parents=True, exist_ok=True)
             handler = _attach_log_file(run_dir / "train.log")
         return _train(folders, run_dir, config, context, resume, jobs, on_progress)
+    except DeflowError as error:
+        # Logged below warning level: the caller reports the error itself.
+        logger.info("run stopped: %s", error)
+        raise
     finally:
         if handler is not None:
             logger.removeHandler(handler)
