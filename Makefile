@@ -19,3 +19,41 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
+
+# Recipes for the examples and for real data. Folders are passed as variables, e.g.
+#   make pairs HR=photos/ OUT=pairs/ [MODEL=runs/camera/model.pt]
+#   make train CLEAN=photos/ DEGRADED=camera/ RUN=runs/camera
+#   make inspect GEN=pairs/lr REAL=camera/ [CLEAN=bicubic/] [REPORT=report/]
+# div2k and flickr2k download several GB (not run in CI); the expected checksums are in
+# scripts/datasets.txt and a mismatch stops the recipe.
+DEFLOW := $(VENV)/bin/deflow-synth
+DATA ?= data
+REPORT ?= inspect-report
+MODEL_OPT = $(if $(MODEL),--model "$(MODEL)")
+
+.PHONY: demo pairs train inspect div2k flickr2k
+
+demo: install
+	$(DEFLOW) degrade examples/images demo-out $(MODEL_OPT)
+
+pairs: install
+	@test -n "$(HR)" -a -n "$(OUT)" || { echo "usage: make pairs HR=photos/ OUT=pairs/ [MODEL=model.pt]"; exit 2; }
+	$(DEFLOW) degrade "$(HR)" "$(OUT)" $(MODEL_OPT)
+
+train: install
+	@test -n "$(CLEAN)" -a -n "$(DEGRADED)" -a -n "$(RUN)" || { echo "usage: make train CLEAN=photos/ DEGRADED=camera/ RUN=runs/camera"; exit 2; }
+	$(DEFLOW) train --clean "$(CLEAN)" --degraded "$(DEGRADED)" --out "$(RUN)"
+
+inspect: install
+	@test -n "$(GEN)" -a -n "$(REAL)" || { echo "usage: make inspect GEN=pairs/lr REAL=camera/ [CLEAN=bicubic/] [REPORT=report/]"; exit 2; }
+	$(DEFLOW) inspect "$(GEN)" "$(REAL)" --out "$(REPORT)" $(if $(CLEAN),--clean "$(CLEAN)")
+
+div2k: install
+	$(PY) scripts/download_dataset.py div2k-train $(DATA)
+	$(PY) scripts/download_dataset.py div2k-valid $(DATA)
+	$(DEFLOW) degrade $(DATA)/DIV2K_train_HR $(DATA)/DIV2K_train_pairs $(MODEL_OPT)
+	$(DEFLOW) degrade $(DATA)/DIV2K_valid_HR $(DATA)/DIV2K_valid_pairs $(MODEL_OPT)
+
+flickr2k: install
+	$(PY) scripts/download_dataset.py flickr2k $(DATA)
+	$(DEFLOW) degrade $(DATA)/Flickr2K/Flickr2K_HR $(DATA)/Flickr2K_pairs $(MODEL_OPT)
