@@ -378,6 +378,229 @@ def train_summary(result):
     return table
 
 
+# degrade: make LR/HR pairs from a folder of clean photos
+
+
+class ImageFormat(str, Enum):
+    png = "png"
+    tiff = "tiff"
+    bmp = "bmp"
+
+
+DEGRADE_EXAMPLES = """
+Examples:
+
+  deflow-synth degrade photos/ pairs/
+
+  deflow-synth degrade photos/ pairs/ --model runs/camera/model.pt --samples 4 --seed 7
+
+  deflow-synth degrade photos/ pairs/ --model DeFlow-NTIRE-RWSR-100k.pth --yaml NTIRE.yml
+
+  for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i deflow-synth degrade photos/ pairs/ --shard $i/4 &
+  done
+"""
+
+
+@app.command(epilog=DEGRADE_EXAMPLES)
+def degrade(
+    input_dir: Annotated[
+        Path, typer.Argument(help="Folder of clean HR images (searched recursively).")
+    ],
+    output_dir: Annotated[
+        Path, typer.Argument(help="Destination of hr/, lr/, meta_info.txt and manifest.json.")
+    ],
+    model: ModelOpt = None,
+    yaml: YamlOpt = None,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Degraded versions per HR image.")
+    ] = 1,
+    seed: SeedOpt = 0,
+    temperature: Annotated[
+        float,
+        typer.Option("--temperature", min=0.0, help="Scale of the random part of the shift u."),
+    ] = 1.0,
+    scale: Annotated[
+        int,
+        typer.Option(
+            "--scale", min=1, max=16, help="LR/HR factor of the pairs (not the model's)."
+        ),
+    ] = 4,
+    device: DeviceOpt = Device.auto,
+    tile: Annotated[
+        Optional[int],
+        typer.Option(
+            "--tile",
+            min=0,
+            help="Tile side in LR pixels; 0 translates whole images [default: from free memory].",
+        ),
+    ] = None,
+    overlap: Annotated[
+        int, typer.Option("--overlap", min=0, help="Overlap of neighbouring tiles in LR pixels.")
+    ] = 64,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers",
+            min=0,
+            help="Processes reading and writing images; 0 for none [default: min(4, cores / 2)].",
+        ),
+    ] = None,
+    shard: Annotated[
+        Optional[str],
+        typer.Option("--shard", help="I/N: do only the I-th of N parts (0 <= I < N)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo images that are already finished.")
+    ] = False,
+    flat: Annotated[
+        bool,
+        typer.Option(
+            "--flat", help="Join subfolders into file names (a/b.png -> a__b.png), for BasicSR."
+        ),
+    ] = False,
+    image_format: Annotated[
+        ImageFormat, typer.Option("--format", help="File format of the pairs.")
+    ] = ImageFormat.png,
+) -> None:
+    """Make realistic LR/HR training pairs from a folder of clean HR images."""
+    from .convert import DegradeOptions, degrade_folder, load_for_degrade, parse_shard
+
+    device_name = resolve_device(device)
+    options = DegradeOptions(
+        scale=scale,
+        samples=samples,
+        seed=seed,
+        temperature=temperature,
+        tile=tile,
+        overlap=overlap,
+        device=device_name,
+        workers=workers,
+        overwrite=overwrite,
+        shard=parse_shard(shard) if shard else (0, 1),
+        flat=flat,
+        image_format=image_format.value,
+    )
+    deflow, model_info = load_for_degrade(model, yaml, device_name)
+
+    progress = DegradeProgress()
+    try:
+        with progress:
+            summary = degrade_folder(
+                input_dir,
+                output_dir,
+                deflow,
+                model_info,
+                options,
+                on_start=progress.start,
+                on_result=progress.update,
+            )
+    except KeyboardInterrupt:
+        console.print(
+            "Interrupted: unfinished pairs were removed; run the same command to resume.",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
+
+    out.print(degrade_summary(summary, output_dir))
+    if summary.subfolders:
+        console.print(
+            "Note: pairs lie in subfolders, which BasicSR's PairedImageDataset does not search; "
+            "use --flat for BasicSR.",
+            highlight=False,
+        )
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def resolve_device(device: Device) -> str:
+    """``cpu`` or ``cuda``; ``auto`` is CUDA when present."""
+    import torch
+
+    if device is Device.auto:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is Device.cuda and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available")
+
+    return device.value
+
+
+class DegradeProgress:
+    """A rich progress bar over the images of a degrade run, with images and megapixels per
+    second; skipped and failed files are printed above it as they happen."""
+
+    def __init__(self):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]degrading"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+        self.started = 0.0
+        self.done = 0
+        self.megapixels = 0.0
+
+    def __enter__(self) -> "DegradeProgress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.stop()
+
+    def start(self, total: int) -> None:
+        import time
+
+        self.started = time.perf_counter()
+        self.task = self.bar.add_task("degrade", total=total, rate="")
+
+    def update(self, result) -> None:
+        import time
+
+        if result.status in ("skipped", "failed"):
+            colour = "yellow" if result.status == "skipped" else "red"
+            self.bar.console.print(
+                f"[{colour}]{result.status}:[/] {result.message}", highlight=False
+            )
+        if result.status == "done":
+            self.done += 1
+            self.megapixels += result.megapixels
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        rate = f"{self.done / seconds:.2f} img/s  {self.megapixels / seconds:.2f} MP/s"
+        self.bar.update(self.task, advance=1, rate=rate)
+
+
+def degrade_summary(summary, output_dir: Path):
+    """The table printed at the end of ``degrade``."""
+    from rich.table import Table
+
+    table = Table(title="deflow-synth degrade", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("done", str(summary.done))
+    table.add_row("already done", str(summary.resumed))
+    table.add_row("skipped", str(summary.skipped))
+    table.add_row("failed", str(summary.failed), style="red" if summary.failed else None)
+    rate = summary.megapixels / summary.seconds if summary.seconds else 0.0
+    table.add_row("HR megapixels", f"{summary.megapixels:.1f} ({rate:.2f} MP/s)")
+    table.add_row("time", f"{summary.seconds:.1f} s")
+    table.add_row("pairs", str(output_dir))
+
+    return table
+
+
 def main() -> None:
     """Entry point: known errors become one stderr line and exit code 1."""
     try:

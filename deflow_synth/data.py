@@ -6,20 +6,31 @@ are cached as they are. Patches are drawn so that every batch is a pure function
 and the step, which is what lets an interrupted run resume exactly where it stopped.
 """
 
+from __future__ import annotations
+
 import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from ._basicsr import imresize
 from .errors import DeflowError
 from .log import logger
+from .shift import CLEAN, DEGRADED
+
+if TYPE_CHECKING:
+    from .model import DeFlow
+    from .train import DataFolders, TrainConfig
 
 __all__ = [
     "CachedImage",
+    "PatchBatch",
     "PatchSampler",
     "SkippedFile",
     "cache_images",
@@ -30,6 +41,8 @@ __all__ = [
     "match_pairs",
     "shard",
     "split_held_out",
+    "to_tensor",
+    "TrainingData",
 ]
 
 IMAGE_SUFFIXES = frozenset(
@@ -40,6 +53,15 @@ IMAGE_SUFFIXES = frozenset(
 # disk of float32. Bump the version whenever the cached content changes meaning.
 CACHE_LEVELS = 65535
 CACHE_VERSION = 1
+
+# Separate draws for every sampler and noise source that share the run's seed.
+CLEAN_STREAM, DEGRADED_STREAM, PAIRED_STREAM, NOISE_STREAM = 0, 1, 2, 3
+VALIDATION_STREAM = 100
+
+# Held out for validation: about 10 % of each domain's images, at most 4, when 3 remain.
+HELD_OUT_FRACTION = 0.1
+MAX_HELD_OUT = 4
+MIN_TRAINING_IMAGES = 3
 
 
 @dataclass(frozen=True)
@@ -379,3 +401,174 @@ class PatchSampler:
 def condition_images(patches: np.ndarray, scale: int) -> np.ndarray:
     """The condition image h of every patch: (N, P, P, 3) downsampled to (N, P/s, P/s, 3)."""
     return np.stack([imresize(patch, 1 / scale) for patch in patches]).astype(np.float32)
+
+
+# Training batches
+
+
+@dataclass
+class PatchBatch:
+    """One step's tensors; x is clean patches then degraded ones, h their condition images."""
+
+    x: Tensor  # (B, 3, P, P)
+    h: Tensor  # (B, 3, P / s, P / s)
+    domain: Tensor  # (B,) CLEAN or DEGRADED
+    cond_noise: Tensor  # like h
+    dequant_noise: Tensor  # like x
+    pairs: tuple[Tensor, ...] = ()  # x, y, h, cond noise, dequant noise of aligned pairs
+
+
+def to_tensor(patches: np.ndarray, device: torch.device) -> Tensor:
+    """(N, H, W, 3) numpy to (N, 3, H, W) float32 on the device."""
+    return torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2))).to(device)
+
+
+class TrainingData:
+    """The usable images of both domains, their samplers and the fixed validation patches.
+
+    Arguments:
+        folders: the image folders.
+        cache_dir: the folder of the cached copies at model resolution.
+        config: the training settings (a deflow_synth.train.TrainConfig).
+        device: where the batches go.
+        rank: this process's rank under data parallelism; only rank 0 logs skipped files.
+        world_size: the number of ranks; each draws from its own shard of the images.
+        jobs: joblib workers for the preparation.
+    """
+
+    def __init__(
+        self,
+        folders: DataFolders,
+        cache_dir: Path,
+        config: TrainConfig,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        jobs: int = 1,
+    ):
+        self.config = config
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+        self.model_scale = config.model_config().scale
+
+        self.prepare(folders, cache_dir, jobs)
+        self.check_usable(folders)
+        self.make_samplers()
+
+    def prepare(self, folders: DataFolders, cache: Path, jobs: int) -> None:
+        patch, scale = self.config.patch_size, self.config.scale
+
+        clean_paths, clean_others = list_images(folders.clean, "clean")
+        self.clean, clean_skipped = cache_images(clean_paths, scale, cache / "clean", patch, jobs)
+        degraded_paths, degraded_others = list_images(folders.degraded, "degraded")
+        self.degraded, degraded_skipped = cache_images(
+            degraded_paths, 1, cache / "degraded", patch, jobs
+        )
+        self.skipped = clean_others + clean_skipped + degraded_others + degraded_skipped
+
+        self.pairs: list[tuple[CachedImage, CachedImage]] = []
+        if folders.paired is not None:
+            hr_root, lr_root = folders.paired / "hr", folders.paired / "lr"
+            hr_paths, hr_others = list_images(hr_root, "paired HR")
+            lr_paths, lr_others = list_images(lr_root, "paired LR")
+            matched, unmatched = match_pairs(hr_paths, hr_root, lr_paths, lr_root)
+            self.pairs, skipped = cache_pairs(matched, scale, cache / "paired", patch, jobs)
+            self.skipped += hr_others + lr_others + unmatched + skipped
+
+        if self.rank == 0:
+            for skipped in self.skipped:
+                logger.warning("skipped %s", skipped)
+
+    def check_usable(self, folders: DataFolders) -> None:
+        for role, folder in (("clean", folders.clean), ("degraded", folders.degraded)):
+            if not getattr(self, role):
+                raise DeflowError(
+                    f"no usable {role} images in {folder}: all "
+                    f"{sum(s.path.is_relative_to(folder) for s in self.skipped)} files were "
+                    f"skipped (each is named above and in the log)"
+                )
+        if folders.paired is not None and not self.pairs:
+            raise DeflowError(f"no usable aligned pairs in {folders.paired}/hr and lr")
+
+    def make_samplers(self) -> None:
+        config = self.config
+        seed, patch = config.seed, config.patch_size
+        split = (HELD_OUT_FRACTION, MAX_HELD_OUT, MIN_TRAINING_IMAGES)
+
+        clean_train, clean_held = split_held_out(self.clean, *split)
+        degraded_train, degraded_held = split_held_out(self.degraded, *split)
+        self.counts = {
+            "clean": len(self.clean),
+            "degraded": len(self.degraded),
+            "clean_held_out": len(clean_held),
+            "degraded_held_out": len(degraded_held),
+        }
+        if self.pairs:
+            self.counts["pairs"] = len(self.pairs)
+
+        rank, world = self.rank, self.world_size
+        self.samplers = {
+            "clean": PatchSampler(
+                [[i] for i in shard(clean_train, rank, world)], patch, seed, CLEAN_STREAM
+            ),
+            "degraded": PatchSampler(
+                [[i] for i in shard(degraded_train, rank, world)], patch, seed, DEGRADED_STREAM
+            ),
+        }
+        if self.pairs:
+            self.samplers["paired"] = PatchSampler(
+                shard(self.pairs, rank, world), patch, seed, PAIRED_STREAM
+            )
+
+        # Fixed validation patches: from held-out images when there are any.
+        self.validation = {}
+        for role, held, training in (
+            ("clean", clean_held, clean_train), ("degraded", degraded_held, degraded_train)
+        ):
+            if not held:
+                logger.info("too few %s images to hold any out; validating on training ones", role)
+            source = PatchSampler([[i] for i in held or training], patch, seed, VALIDATION_STREAM)
+            self.validation[role] = source.draw(0, config.val_patches)[0]
+
+        self.color_stats = [color_statistics(clean_train), color_statistics(degraded_train)]
+
+    def batch(self, step: int, model: DeFlow) -> PatchBatch:
+        """The batch of one step: a pure function of the seed, the step and the rank."""
+        half, device, rank = self.config.batch_size // 2, self.device, self.rank
+
+        clean = self.samplers["clean"].draw(step, half, rank)[0]
+        degraded = self.samplers["degraded"].draw(step, half, rank)[0]
+        x, h = self.with_condition(np.concatenate([clean, degraded]), half, model)
+        domain = torch.tensor([CLEAN] * half + [DEGRADED] * half, device=device)
+
+        noise_seed = np.random.default_rng([self.config.seed, NOISE_STREAM, step, rank])
+        generator = torch.Generator().manual_seed(int(noise_seed.integers(2**62)))
+        cond_noise = torch.randn(h.shape, generator=generator).to(device)
+        dequant_noise = torch.rand(x.shape, generator=generator).to(device)
+
+        pairs = ()
+        if "paired" in self.samplers:
+            pair_x, pair_y = self.samplers["paired"].draw(step, half, rank)
+            pair_x, pair_h = self.with_condition(pair_x, len(pair_x), model)
+            pair_y = model.normalize_colors(to_tensor(pair_y, device), DEGRADED)
+            pair_cond_noise = torch.randn(pair_h.shape, generator=generator).to(device)
+            pair_dequant_noise = torch.rand(pair_x.shape, generator=generator).to(device)
+            pairs = (pair_x, pair_y, pair_h, pair_cond_noise, pair_dequant_noise)
+
+        return PatchBatch(x, h, domain, cond_noise, dequant_noise, pairs)
+
+    def with_condition(
+        self, patches: np.ndarray, n_clean: int, model: DeFlow
+    ) -> tuple[Tensor, Tensor]:
+        """Patches (N, P, P, 3), the first n_clean clean, as model inputs with their h.
+
+        Degraded patches are colour-normalised before h is computed from them, as in sampling.
+        """
+        x = to_tensor(patches, self.device)
+        if model.config.color_normalization and n_clean < len(x):
+            x[n_clean:] = model.normalize_colors(x[n_clean:], DEGRADED)
+            patches = x.permute(0, 2, 3, 1).cpu().numpy()
+
+        h = condition_images(patches, self.model_scale)
+        return x, to_tensor(h, self.device)

@@ -30,19 +30,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .config import PRESETS, DeFlowConfig, preset
-from .data import (
-    CachedImage,
-    PatchSampler,
-    SkippedFile,
-    cache_images,
-    cache_pairs,
-    color_statistics,
-    condition_images,
-    list_images,
-    match_pairs,
-    shard,
-    split_held_out,
-)
+from .data import VALIDATION_STREAM, SkippedFile, TrainingData
 from .errors import DeflowError
 from .log import logger
 from .model import CLEAN, DEGRADED, DeFlow
@@ -54,22 +42,14 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
+    "resolve_config",
     "train",
     "train_config",
 ]
 
+CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "deflow-synth-train"
 CHECKPOINT_VERSION = 1
-
-# Separate draws for every sampler and noise source that share the run's seed.
-CLEAN_STREAM, DEGRADED_STREAM, PAIRED_STREAM, NOISE_STREAM = 0, 1, 2, 3
-VALIDATION_STREAM = 100
-
-# Held out for validation: about 10 % of each domain's images, at most 4, when 3 remain.
-HELD_OUT_FRACTION = 0.1
-MAX_HELD_OUT = 4
-MIN_TRAINING_IMAGES = 3
-
 
 class TrainingDiverged(DeflowError):
     """The loss or the gradient stayed non-finite for too many steps in a row."""
@@ -328,172 +308,20 @@ def barrier(context: Distributed) -> None:
         dist.barrier()
 
 
-# Data
-
-
-@dataclass
-class PatchBatch:
-    """One step's tensors; x is clean patches then degraded ones, h their condition images."""
-
-    x: Tensor  # (B, 3, P, P)
-    h: Tensor  # (B, 3, P / s, P / s)
-    domain: Tensor  # (B,) CLEAN or DEGRADED
-    cond_noise: Tensor  # like h
-    dequant_noise: Tensor  # like x
-    pairs: tuple[Tensor, ...] = ()  # x, y, h, cond noise, dequant noise of aligned pairs
-
-
-def to_tensor(patches: np.ndarray, device: torch.device) -> Tensor:
-    """(N, H, W, 3) numpy to (N, 3, H, W) float32 on the device."""
-    return torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2))).to(device)
-
-
-class TrainingData:
-    """The usable images of both domains, their samplers and the fixed validation patches.
-
-    Arguments:
-        folders: the image folders.
-        run_dir: the run folder (cached copies go to run_dir/cache).
-        config: the training settings.
-        context: rank and device; only rank 0 prepares the cache and logs skipped files.
-        jobs: joblib workers for the preparation.
-    """
-
-    def __init__(
-        self, folders: DataFolders, run_dir: Path, config: TrainConfig, context: Distributed,
-        jobs: int,
-    ):
-        self.config = config
-        self.context = context
-        self.model_scale = config.model_config().scale
-
-        # Rank 0 fills the cache while the others wait, then they find every file cached.
-        cache = run_dir / "cache"
-        if context.is_main:
-            self.prepare(folders, cache, jobs)
+def load_data(
+    folders: DataFolders, cache_dir: Path, config: TrainConfig, context: Distributed, jobs: int
+) -> TrainingData:
+    """The training data of this rank; rank 0 fills the cache while the others wait."""
+    if not context.is_main:
         barrier(context)
-        if not context.is_main:
-            self.prepare(folders, cache, 1)
+    data = TrainingData(
+        folders, cache_dir, config, context.device, context.rank, context.world_size,
+        jobs if context.is_main else 1,
+    )
+    if context.is_main:
+        barrier(context)
 
-        self.check_usable(folders)
-        self.make_samplers()
-
-    def prepare(self, folders: DataFolders, cache: Path, jobs: int) -> None:
-        patch, scale = self.config.patch_size, self.config.scale
-
-        clean_paths, clean_others = list_images(folders.clean, "clean")
-        self.clean, clean_skipped = cache_images(clean_paths, scale, cache / "clean", patch, jobs)
-        degraded_paths, degraded_others = list_images(folders.degraded, "degraded")
-        self.degraded, degraded_skipped = cache_images(
-            degraded_paths, 1, cache / "degraded", patch, jobs
-        )
-        self.skipped = clean_others + clean_skipped + degraded_others + degraded_skipped
-
-        self.pairs: list[tuple[CachedImage, CachedImage]] = []
-        if folders.paired is not None:
-            hr_root, lr_root = folders.paired / "hr", folders.paired / "lr"
-            hr_paths, hr_others = list_images(hr_root, "paired HR")
-            lr_paths, lr_others = list_images(lr_root, "paired LR")
-            matched, unmatched = match_pairs(hr_paths, hr_root, lr_paths, lr_root)
-            self.pairs, skipped = cache_pairs(matched, scale, cache / "paired", patch, jobs)
-            self.skipped += hr_others + lr_others + unmatched + skipped
-
-        if self.context.is_main:
-            for skipped in self.skipped:
-                logger.warning("skipped %s", skipped)
-
-    def check_usable(self, folders: DataFolders) -> None:
-        for role, folder in (("clean", folders.clean), ("degraded", folders.degraded)):
-            if not getattr(self, role):
-                raise DeflowError(
-                    f"no usable {role} images in {folder}: all "
-                    f"{sum(s.path.is_relative_to(folder) for s in self.skipped)} files were "
-                    f"skipped (each is named above and in the log)"
-                )
-        if folders.paired is not None and not self.pairs:
-            raise DeflowError(f"no usable aligned pairs in {folders.paired}/hr and lr")
-
-    def make_samplers(self) -> None:
-        config, context = self.config, self.context
-        seed, patch = config.seed, config.patch_size
-        split = (HELD_OUT_FRACTION, MAX_HELD_OUT, MIN_TRAINING_IMAGES)
-
-        clean_train, clean_held = split_held_out(self.clean, *split)
-        degraded_train, degraded_held = split_held_out(self.degraded, *split)
-        self.counts = {
-            "clean": len(self.clean),
-            "degraded": len(self.degraded),
-            "clean_held_out": len(clean_held),
-            "degraded_held_out": len(degraded_held),
-        }
-        if self.pairs:
-            self.counts["pairs"] = len(self.pairs)
-
-        rank, world = context.rank, context.world_size
-        self.samplers = {
-            "clean": PatchSampler(
-                [[i] for i in shard(clean_train, rank, world)], patch, seed, CLEAN_STREAM
-            ),
-            "degraded": PatchSampler(
-                [[i] for i in shard(degraded_train, rank, world)], patch, seed, DEGRADED_STREAM
-            ),
-        }
-        if self.pairs:
-            self.samplers["paired"] = PatchSampler(
-                shard(self.pairs, rank, world), patch, seed, PAIRED_STREAM
-            )
-
-        # Fixed validation patches: from held-out images when there are any.
-        self.validation = {}
-        for role, held, training in (
-            ("clean", clean_held, clean_train), ("degraded", degraded_held, degraded_train)
-        ):
-            if not held:
-                logger.info("too few %s images to hold any out; validating on training ones", role)
-            source = PatchSampler([[i] for i in held or training], patch, seed, VALIDATION_STREAM)
-            self.validation[role] = source.draw(0, config.val_patches)[0]
-
-        self.color_stats = [color_statistics(clean_train), color_statistics(degraded_train)]
-
-    def batch(self, step: int, model: DeFlow) -> PatchBatch:
-        """The batch of one step: a pure function of the seed, the step and the rank."""
-        half, device, rank = self.config.batch_size // 2, self.context.device, self.context.rank
-
-        clean = self.samplers["clean"].draw(step, half, rank)[0]
-        degraded = self.samplers["degraded"].draw(step, half, rank)[0]
-        x, h = self.with_condition(np.concatenate([clean, degraded]), half, model)
-        domain = torch.tensor([CLEAN] * half + [DEGRADED] * half, device=device)
-
-        noise_seed = np.random.default_rng([self.config.seed, NOISE_STREAM, step, rank])
-        generator = torch.Generator().manual_seed(int(noise_seed.integers(2**62)))
-        cond_noise = torch.randn(h.shape, generator=generator).to(device)
-        dequant_noise = torch.rand(x.shape, generator=generator).to(device)
-
-        pairs = ()
-        if "paired" in self.samplers:
-            pair_x, pair_y = self.samplers["paired"].draw(step, half, rank)
-            pair_x, pair_h = self.with_condition(pair_x, len(pair_x), model)
-            pair_y = model.normalize_colors(to_tensor(pair_y, device), DEGRADED)
-            pair_cond_noise = torch.randn(pair_h.shape, generator=generator).to(device)
-            pair_dequant_noise = torch.rand(pair_x.shape, generator=generator).to(device)
-            pairs = (pair_x, pair_y, pair_h, pair_cond_noise, pair_dequant_noise)
-
-        return PatchBatch(x, h, domain, cond_noise, dequant_noise, pairs)
-
-    def with_condition(
-        self, patches: np.ndarray, n_clean: int, model: DeFlow
-    ) -> tuple[Tensor, Tensor]:
-        """Patches (N, P, P, 3), the first n_clean clean, as model inputs with their h.
-
-        Degraded patches are colour-normalised before h is computed from them, as in sampling.
-        """
-        x = to_tensor(patches, self.context.device)
-        if model.config.color_normalization and n_clean < len(x):
-            x[n_clean:] = model.normalize_colors(x[n_clean:], DEGRADED)
-            patches = x.permute(0, 2, 3, 1).cpu().numpy()
-
-        h = condition_images(patches, self.model_scale)
-        return x, to_tensor(h, self.context.device)
+    return data
 
 
 # Objective
@@ -559,7 +387,7 @@ def validate(model: DeFlow, data: TrainingData) -> tuple[dict[str, float], np.nd
     clean ones (N, P, P, 3) for the sample sheet."""
     was_training = model.training
     model.eval()
-    device, seed = data.context.device, data.config.seed + VALIDATION_STREAM
+    device, seed = data.device, data.config.seed + VALIDATION_STREAM
 
     nll = {}
     for role, domain in (("clean", CLEAN), ("degraded", DEGRADED)):
@@ -649,26 +477,44 @@ def load_training_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def resumed_config(saved: dict[str, Any], requested: TrainConfig) -> TrainConfig:
-    """The saved settings, with the changes a resumed run allows; other changes are logged."""
-    config = TrainConfig.from_dict(saved)
+def resumed_config(saved: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
+    """A run's saved settings with the changes a resumed run allows; others are logged."""
     allowed, ignored = {}, []
-    for item in fields(TrainConfig):
-        old, new = getattr(config, item.name), getattr(requested, item.name)
-        if old == new:
+    for name, value in changes.items():
+        if getattr(saved, name) == value:
             continue
-        if item.name in RESUMABLE_CHANGES:
-            allowed[item.name] = new
+        if name in RESUMABLE_CHANGES:
+            allowed[name] = value
         else:
-            ignored.append(f"{item.name}={new!r} (run has {old!r})")
+            ignored.append(f"{name}={value!r} (the run has {getattr(saved, name)!r})")
 
     if ignored:
         logger.warning("resume keeps the run's settings; ignored: %s", ", ".join(ignored))
     if "steps" in allowed:
         logger.warning("resume with %d steps instead of %d: the rate schedule is recomputed",
-                       allowed["steps"], config.steps)
+                       allowed["steps"], saved.steps)
 
-    return replace(config, **allowed)
+    return replace(saved, **allowed)
+
+
+def resolve_config(
+    run_dir: Path, resume: bool, preset_name: str | None = None, **overrides: Any
+) -> TrainConfig:
+    """The settings of a run from the options given (None: not given).
+
+    A new run takes the preset's defaults with the overrides; a resumed run keeps its saved
+    settings, except for the given ones in ``RESUMABLE_CHANGES``.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if not (resume and checkpoint.exists()):
+        return train_config(preset_name or "small", **given)
+
+    saved = TrainConfig.from_dict(load_training_state(checkpoint)["train_config"])
+    if preset_name is not None:
+        given["preset"] = preset_name
+
+    return resumed_config(saved, given)
 
 
 def model_card(
@@ -795,13 +641,14 @@ def _train(
     folders: DataFolders, run_dir: Path, config: TrainConfig, context: Distributed,
     resume: bool, jobs: int, on_progress: Callable[[Progress], None] | None,
 ) -> TrainResult:
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = run_dir / CHECKPOINT_NAME
 
     # Settings: a resumed run keeps its own.
     state = None
     if resume and checkpoint.exists():
         state = load_training_state(checkpoint)
-        config = resumed_config(state["train_config"], config)
+        saved = TrainConfig.from_dict(state["train_config"])
+        config = resumed_config(saved, {f.name: getattr(config, f.name) for f in fields(config)})
     elif resume:
         logger.warning("no checkpoint in %s to resume from: starting a new run", run_dir)
     elif checkpoint.exists():
@@ -812,7 +659,7 @@ def _train(
     config.check()
     torch.manual_seed(config.seed)
 
-    data = TrainingData(folders, run_dir, config, context, jobs)
+    data = load_data(folders, run_dir / "cache", config, context, jobs)
     model = DeFlow(config.model_config()).to(context.device)
     model.train()
     optimizer = make_optimizer(model, config)
@@ -859,7 +706,7 @@ def _loop(
     config: TrainConfig, folders: DataFolders, run_dir: Path, context: Distributed,
     step: int, seconds: float, on_progress: Callable[[Progress], None] | None,
 ) -> TrainResult:
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = run_dir / CHECKPOINT_NAME
     sheet = None
     validation: dict[str, float] = {}
     window: dict[str, list[float]] = {}
@@ -926,9 +773,10 @@ def _loop(
             rate = (step - first_step) / max(time.perf_counter() - started, 1e-9)
             if context.is_main and not bad and step % config.log_every == 0:
                 logger.info(
-                    "step %d/%d  loss %.4f  %s  lr %.3g  %.2f steps/s", step, config.steps,
-                    loss.item(), "  ".join(f"{k} {np.mean(v):.4f}" for k, v in window.items()),
-                    config.lr * factor, rate,
+                    "step %d/%d  loss %.4f  %s  gradient norm %.3g  lr %.3g  %.2f steps/s",
+                    step, config.steps, loss.item(),
+                    "  ".join(f"{k} {np.mean(v):.4f}" for k, v in window.items()),
+                    norm.item(), config.lr * factor, rate,
                 )
                 window = {}
 

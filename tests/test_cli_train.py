@@ -144,3 +144,23 @@ def test_resume_of_a_foreign_file_is_refused(tmp_path):
 
     assert isinstance(result.exception, DeflowError)
     assert "checkpoint.pt" in str(result.exception)
+
+
+def test_resume_keeps_the_runs_settings_and_may_extend_it(tmp_path):
+    write_folders(tmp_path / "data", count=3, clean_size=64, degraded_size=16)
+    common = ("--device", "cpu", "--jobs", "1")
+    first = runner.invoke(cli.app, arguments(
+        tmp_path, "--steps", "1", "--batch-size", "2", "--patch-size", "16", "--lr", "1e-3",
+        *common,
+    ))
+    assert first.exit_code == 0, first.output
+
+    second = runner.invoke(cli.app, arguments(
+        tmp_path, "--resume", "--steps", "2", "--lr", "5e-3", *common
+    ))
+
+    assert second.exit_code == 0, second.output
+    assert "ignored: lr=0.005 (the run has 0.001)" in " ".join(second.stderr.split())
+    card = read_card(tmp_path / "run" / "model.pt")
+    assert card["steps"] == 2
+    assert card["train_config"]["lr"] == 1e-3 and card["train_config"]["patch_size"] == 16
