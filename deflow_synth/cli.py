@@ -199,8 +199,9 @@ def train(
         typer.Option("--scale", help="SR factor: clean photos are downsampled by it [default 4]."),
     ] = None,
     preset: Annotated[
-        Preset, typer.Option("--preset", help="Model size and training defaults.")
-    ] = Preset.small,
+        Optional[Preset],
+        typer.Option("--preset", help="Model size and training defaults [default: small]."),
+    ] = None,
     steps: Annotated[
         Optional[int], typer.Option("--steps", help="Optimiser steps [default: per preset].")
     ] = None,
@@ -265,23 +266,8 @@ def train(
     from rich.logging import RichHandler
 
     from .log import logger
-    from .train import DataFolders, train_config
+    from .train import DataFolders, resolve_config
     from .train import train as run_training
-
-    config = train_config(
-        preset.value,
-        scale=scale,
-        steps=steps,
-        batch_size=batch_size,
-        patch_size=patch_size,
-        lr=lr,
-        shift_lr=shift_lr,
-        normalize_colors=normalize_colors,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        validate_every=validate_every,
-    )
-    folders = DataFolders(clean, degraded, paired)
 
     # Only rank 0 of a torchrun launch talks to the terminal.
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -290,6 +276,22 @@ def train(
     if main_rank:
         logger.addHandler(warnings)
     try:
+        config = resolve_config(
+            run_dir,
+            resume,
+            preset.value if preset else None,
+            scale=scale,
+            steps=steps,
+            batch_size=batch_size,
+            patch_size=patch_size,
+            lr=lr,
+            shift_lr=shift_lr,
+            normalize_colors=normalize_colors,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            validate_every=validate_every,
+        )
+        folders = DataFolders(clean, degraded, paired)
         with TrainProgress(enabled=main_rank) as progress:
             result = run_training(
                 folders, run_dir, config, device=device.value, resume=resume, jobs=jobs,
