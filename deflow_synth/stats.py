@@ -1,4 +1,4 @@
-"""Degradation statistics of images: noise per intensity, residual spectrum, colour correlation.
+"""Degradation statistics of images: noise per intensity, spectrum, blocking, colour correlation.
 
 The statistics describe a degradation without knowing how it was made and without reference
 pairs. Each image's *residual* stands in for its degradation:
@@ -18,8 +18,9 @@ reported beside them. Statistics of many images merge by adding their sums
 
 Warning:
     A no-reference estimate cannot tell noise from fine texture. Its noise levels include a
-    floor set by the content (about 1.5 of 255 levels on small, detailed photos), and JPEG
-    hides most of its noise at frequencies the residual does not see. Compare folders of
+    floor set by the content (1 to 1.5 of 255 levels on detailed, noise-free photos), its
+    spectrum follows the content more than the noise, and JPEG hides most of its noise at
+    frequencies the residual does not see (the block steps still show it). Compare folders of
     similar content, and give the clean counterparts of generated images where they exist.
 """
 
