@@ -327,7 +327,7 @@ class TrainProgress:
 
         self.bar = Progress(
             TextColumn("[bold]training"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("ETA"),

@@ -606,7 +606,7 @@ def train(
     if not resume:
         config.check()
     context = start_distributed(device)
-    handler = None
+    handler, level = None, logger.level
     try:
         if context.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -620,6 +620,7 @@ def train(
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
+            logger.setLevel(level)
         if context.active:
             import torch.distributed as dist
 

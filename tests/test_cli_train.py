@@ -45,7 +45,7 @@ def test_help_documents_every_option_and_torchrun():
     assert "torchrun --nproc_per_node" in result.output
 
 
-def test_train_runs_and_exports_a_model_that_loads(tmp_path):
+def test_train_exports_a_model_that_loads_and_degrades(tmp_path):
     folders = write_folders(tmp_path / "data", count=3, clean_size=64, degraded_size=16)
     (folders.clean / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
 
@@ -62,6 +62,14 @@ def test_train_runs_and_exports_a_model_that_loads(tmp_path):
     card = read_card(tmp_path / "run" / "model.pt")
     assert card["preset"] == "small" and card["skipped_files"] == 1
     assert card["train_config"]["seed"] == 7 and card["counts"]["clean"] == 3
+
+    (folders.clean / "broken.png").unlink()
+    converted = runner.invoke(cli.app, [
+        "degrade", str(folders.clean), str(tmp_path / "pairs"), "--model",
+        str(tmp_path / "run" / "model.pt"), "--device", "cpu", "--workers", "0", "--tile", "0",
+    ])
+    assert converted.exit_code == 0, converted.output
+    assert len(list((tmp_path / "pairs" / "lr").glob("*.png"))) == 3
 
 
 def test_options_reach_the_training_settings(tmp_path, monkeypatch):
