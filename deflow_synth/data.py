@@ -530,8 +530,15 @@ class TrainingData:
                 logger.info("too few %s images to hold any out; validating on training ones", role)
             source = PatchSampler([[i] for i in held or training], patch, seed, VALIDATION_STREAM)
             self.validation[role] = source.draw(0, config.val_patches)[0]
+        self.training = {"clean": clean_train, "degraded": degraded_train}
 
-        self.color_stats = [color_statistics(clean_train), color_statistics(degraded_train)]
+    def color_stats(self) -> list[Tensor]:
+        """Per-channel mean and std (3,) of the clean, then the degraded training images."""
+        stats = []
+        for role in ("clean", "degraded"):
+            stats += [torch.tensor(v, dtype=torch.float32)
+                      for v in color_statistics(self.training[role])]
+        return stats
 
     def batch(self, step: int, model: DeFlow) -> PatchBatch:
         """The batch of one step: a pure function of the seed, the step and the rank."""

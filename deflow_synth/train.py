@@ -674,11 +674,7 @@ def _train(
         logger.info("resumed %s at step %d", run_dir, step)
     else:
         if config.normalize_colors:
-            (mean_clean, std_clean), (mean_degraded, std_degraded) = data.color_stats
-            model.set_color_stats(
-                *(torch.tensor(v, dtype=torch.float32) for v in
-                  (mean_clean, std_clean, mean_degraded, std_degraded))
-            )
+            model.set_color_stats(*data.color_stats())
         # ActNorm initialises from its first batch: do it before DDP copies rank 0's weights.
         with torch.no_grad():
             batch = data.batch(0, model)

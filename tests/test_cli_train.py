@@ -1,5 +1,7 @@
 """Tests of the ``deflow-synth train`` command."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -172,3 +174,22 @@ def test_resume_keeps_the_runs_settings_and_may_extend_it(tmp_path):
     card = read_card(tmp_path / "run" / "model.pt")
     assert card["steps"] == 2
     assert card["train_config"]["lr"] == 1e-3 and card["train_config"]["patch_size"] == 16
+
+
+@pytest.mark.slow
+def test_torchrun_trains_with_two_processes(tmp_path):
+    write_folders(tmp_path / "data", count=4, clean_size=64, degraded_size=16)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "--no-python", str(Path(sys.executable).parent / "deflow-synth"),
+        *arguments(tmp_path, "--steps", "2", "--batch-size", "2", "--patch-size", "16",
+                   "--device", "cpu", "--jobs", "1"),
+    ]
+
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "on 2 device(s)" in (tmp_path / "run" / "train.log").read_text()
+    assert read_card(tmp_path / "run" / "model.pt")["steps"] == 2
+    assert run.stdout.count("deflow-synth train") == 1
