@@ -510,6 +510,12 @@ def degrade(
             "use --flat for BasicSR.",
             highlight=False,
         )
+    if summary.spaces:
+        console.print(
+            "Note: some file names contain spaces; BasicSR reads meta_info.txt only up to the "
+            "first space, so use its folder mode (no meta_info_file) or rename them.",
+            highlight=False,
+        )
     if summary.failed:
         raise typer.Exit(1)
 

@@ -190,7 +190,8 @@ class ImageResult:
 
 @dataclass
 class Summary:
-    """Counts of a run, the time it took and what went wrong."""
+    """Counts of a run, the time it took and what went wrong; whether any output name has a
+    subfolder or a space (BasicSR's PairedImageDataset handles neither everywhere)."""
 
     done: int = 0
     resumed: int = 0
@@ -200,6 +201,7 @@ class Summary:
     seconds: float = 0.0
     problems: list[ImageResult] = field(default_factory=list)
     subfolders: bool = False
+    spaces: bool = False
 
     def add(self, result: ImageResult) -> None:
         setattr(self, result.status, getattr(self, result.status) + 1)
@@ -360,7 +362,8 @@ def prepare(
 
     # The LR image comes from the HR image as written, and stays unquantised like the clean
     # training images of the model.
-    lr = np.clip(imresize(hr.astype(np.float32) / 255, 1 / scale), 0, 1).astype(np.float32)
+    lr = np.clip(imresize(np.divide(hr, 255, dtype=np.float32), 1 / scale), 0, 1)
+    lr = lr.astype(np.float32, copy=False)
     lr_height, lr_width = lr.shape[:2]
     pad_height, pad_width = -lr_height % multiple, -lr_width % multiple
     lr = np.pad(lr, ((0, pad_height), (0, pad_width), (0, 0)), mode="reflect")
@@ -568,6 +571,7 @@ def degrade_folder(
     pairs = output_names(sources, options.image_format, options.samples, options.flat)
     pairs = [p for p in pairs if shard_of(p.source, options.shard[1]) == options.shard[0]]
     summary.subfolders = any("/" in name for pair in pairs for name in pair.names)
+    summary.spaces = any(" " in name for pair in pairs for name in pair.names)
     if not options.overwrite:
         check_settings(output_dir, pairs, settings)
     if on_start is not None:

@@ -115,23 +115,30 @@ def draw_noise(model: DeFlow, height: int, width: int, generator: torch.Generato
     return NoiseFields(cond, dequant, shift)
 
 
-def axis_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+def axis_spans(
+    length: int, tile: int, overlap: int, multiple: int
+) -> list[tuple[int, int, int, int]]:
     """(start, stop, keep_start, keep_stop) of the tiles along one axis.
 
-    Tiles have side ``min(tile, length)``, start every ``tile - overlap`` pixels and the last
-    one ends at ``length``; neighbours split their overlap in the middle.
+    As few tiles as fit with at least ``overlap`` between neighbours, all of one side (at most
+    ``tile``) and spread evenly, starting at multiples of ``multiple``; neighbours split their
+    overlap in the middle (rounded down to a multiple). Arguments are multiples of ``multiple``.
     """
-    tile = min(tile, length)
-    stride = tile - overlap
-    count = 1 if tile == length else math.ceil((length - tile) / stride) + 1
-    starts = [min(index * stride, length - tile) for index in range(count)]
+    if length <= tile:
+        return [(0, length, 0, length)]
+    count = -(-(length - overlap) // (tile - overlap))
+    blocks, overlap_blocks = length // multiple, overlap // multiple
+    side = -(-(blocks + (count - 1) * overlap_blocks) // count)
+    starts = [i * (blocks - side) // (count - 1) * multiple for i in range(count)]
+    side *= multiple
 
+    # Seams go on block borders too, where the flow's own structure already has its edges.
     borders = [0]
     for start, next_start in itertools.pairwise(starts):
-        borders.append((next_start + start + tile) // 2)
+        borders.append((next_start + start + side) // (2 * multiple) * multiple)
     borders.append(length)
 
-    return [(start, start + tile, borders[i], borders[i + 1]) for i, start in enumerate(starts)]
+    return [(start, start + side, borders[i], borders[i + 1]) for i, start in enumerate(starts)]
 
 
 def tile_grid(
@@ -141,7 +148,8 @@ def tile_grid(
 
     Arguments:
         height, width: image size, multiples of ``multiple``.
-        tile: tile side; rounded down to a multiple of ``multiple``; None for one tile.
+        tile: largest tile side; rounded down to a multiple of ``multiple``; None for one
+            tile. Tiles are made as small as their count allows, to spare work on overlaps.
         overlap: overlap of neighbouring tiles; rounded up to a multiple of ``multiple``.
         multiple: every tile starts and ends at multiples of it.
     """
@@ -153,8 +161,8 @@ def tile_grid(
 
     return [
         Tile(top, bottom, left, right, keep_top, keep_bottom, keep_left, keep_right)
-        for top, bottom, keep_top, keep_bottom in axis_spans(height, tile, overlap)
-        for left, right, keep_left, keep_right in axis_spans(width, tile, overlap)
+        for top, bottom, keep_top, keep_bottom in axis_spans(height, tile, overlap, multiple)
+        for left, right, keep_left, keep_right in axis_spans(width, tile, overlap, multiple)
     ]
 
 

@@ -78,7 +78,9 @@ def test_degrade_writes_pairs_and_a_summary(tmp_path, photos, checkpoint):
     assert np.asarray(Image.open(out / "lr" / "day one" / "b.png")).shape == (10, 9, 3)
     assert table_value(result.stdout, "done") == "2"
     assert table_value(result.stdout, "failed") == "0"
-    assert "use --flat for BasicSR" in " ".join(result.stderr.split())
+    err = " ".join(result.stderr.split())
+    assert "use --flat for BasicSR" in err
+    assert "some file names contain spaces" in err
 
     again = runner.invoke(cli.app, arguments)
     assert again.exit_code == 0

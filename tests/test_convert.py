@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from deflow_synth import __version__
@@ -257,6 +258,21 @@ def test_flat_output(photos, tmp_path, model, info):
         "sub__été photo.bmp",
     ]
     assert not summary.subfolders
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_tiles_and_agrees_with_the_cpu(photos, tmp_path, model, info):
+    gpu_model = realistic_model(TINY).to("cuda")
+
+    run(photos, tmp_path / "cpu", model, info)
+    summary, _ = run(photos, tmp_path / "gpu", gpu_model, info, device="cuda", batch_size=None)
+
+    assert summary.done == 3
+    for name in ["a.png", "sub/été photo.png"]:
+        on_cpu = read_image(tmp_path / "cpu" / "lr" / name) * 255
+        on_gpu = read_image(tmp_path / "gpu" / "lr" / name) * 255
+        assert (np.abs(on_cpu - on_gpu) <= 1.01).mean() >= 0.999
 
 
 # Resume, interruption and failures

@@ -1,5 +1,7 @@
 """Tests of deflow_synth.tiling: the tile grid, noise slicing, stitching and tiled translation."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -101,9 +103,22 @@ def test_grid_keeps_half_the_overlap_on_each_side():
 
 def test_grid_rounds_tile_and_overlap_to_the_multiple():
     tiles = tile_grid(64, 64, 30, 3, multiple=8)
+    lefts = sorted({t.left for t in tiles})
 
+    # Tile 30 -> 24, overlap 3 -> 8: four tiles of 24 px per axis, overlapping by 8 or more.
     assert tiles[0].size == (24, 24)
-    assert tiles[1].left == 16
+    assert len(lefts) == 4
+    assert all(b - a <= 24 - 8 for a, b in itertools.pairwise(lefts))
+
+
+def test_grid_spreads_tiles_evenly_instead_of_a_thin_last_one():
+    tiles = tile_grid(576, 8, 512, 64, multiple=8)
+
+    # Two tiles of 320 px, not 512 px tiles overlapping by 448.
+    assert [(t.top, t.bottom, t.keep_top, t.keep_bottom) for t in tiles] == [
+        (0, 320, 0, 288),
+        (256, 576, 288, 576),
+    ]
 
 
 def test_grid_single_tile_when_untiled_or_tile_is_larger():
