@@ -14,6 +14,7 @@ all records at its end.
 import hashlib
 import json
 import os
+import signal
 import tempfile
 import time
 import unicodedata
@@ -321,8 +322,10 @@ class Prepared:
     crop: tuple[int, int, int, int]
 
 
-def limit_threads() -> None:
-    """Worker start-up: one torch thread each, as the workers already run side by side."""
+def start_worker() -> None:
+    """Worker start-up: one torch thread each, as the workers already run side by side, and
+    Ctrl-C left to the main process, which lets running tasks finish before cleaning up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
@@ -478,7 +481,7 @@ def make_executor(workers: int):
         return InlineExecutor()
     from joblib.externals.loky import get_reusable_executor
 
-    return get_reusable_executor(max_workers=workers, initializer=limit_threads)
+    return get_reusable_executor(max_workers=workers, initializer=start_worker)
 
 
 def default_workers() -> int:
@@ -562,6 +565,8 @@ def degrade_folder(
         on_result: called with each image's :class:`ImageResult`.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if input_dir.resolve() == output_dir.resolve():
+        raise DeflowError(f"{output_dir}: the output folder must not be the input folder")
     started = time.perf_counter()
     summary = Summary()
     settings = run_settings(model_info, options)
@@ -670,6 +675,8 @@ def run_jobs(
         for job in active.values():
             remove_outputs(output_dir, job.pair)
         raise
+    # Workers left idle would keep the interpreter waiting for them at exit.
+    executor.shutdown(wait=True)
 
 
 def translate_job(

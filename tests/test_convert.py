@@ -298,6 +298,16 @@ def test_rerun_skips_finished_pairs_and_overwrite_redoes_them(photos, tmp_path, 
     assert lr_bytes(out) == reference
 
 
+def test_output_folder_inside_the_input_is_left_out(photos, model, info):
+    summary, results = run(photos, photos / "pairs", model, info)
+    again, _ = run(photos, photos / "pairs", model, info)
+
+    assert summary.done == 3 and again.resumed == 3 and again.done == 0
+    assert not any(source.startswith("pairs/") for source in results)
+    with pytest.raises(DeflowError, match="must not be the input folder"):
+        run(photos, photos, model, info)
+
+
 def test_other_settings_are_refused_without_overwrite(photos, tmp_path, model, info):
     out = tmp_path / "pairs"
     run(photos, out, model, info)
