@@ -10,7 +10,7 @@ produces the same parameters as one that never stopped.
 
 Example:
     deflow-synth train --clean photos/ --degraded camera/ --out runs/cam --preset small
-    torchrun --nproc_per_node 4 -m deflow_synth.cli train --clean ... --degraded ... --out ...
+    torchrun --nproc_per_node 4 --no-python deflow-synth train --clean ... --out ...
 """
 
 import json
@@ -249,6 +249,8 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Distributed:
+    """This process's place under torchrun: rank, number of ranks and device."""
+
     rank: int
     world_size: int
     device: torch.device
@@ -302,6 +304,7 @@ def all_max(values: list[float], context: Distributed) -> list[float]:
 
 
 def barrier(context: Distributed) -> None:
+    """Wait for every rank (nothing on one device)."""
     if context.active:
         import torch.distributed as dist
 
@@ -374,6 +377,7 @@ def make_optimizer(model: DeFlow, config: TrainConfig) -> torch.optim.Adam:
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every group's base rate times the schedule's factor."""
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
 
