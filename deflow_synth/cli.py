@@ -433,7 +433,7 @@ def degrade(
         typer.Option(
             "--tile",
             min=0,
-            help="Tile side in LR pixels; 0 translates whole images [default: from free memory].",
+            help="Tile side in LR pixels (default: from free memory); 0 translates whole images.",
         ),
     ] = None,
     overlap: Annotated[
@@ -444,7 +444,7 @@ def degrade(
         typer.Option(
             "--workers",
             min=0,
-            help="Processes reading and writing images; 0 for none [default: min(4, cores / 2)].",
+            help="Processes reading and writing images (default: min(4, cores / 2)); 0: none.",
         ),
     ] = None,
     shard: Annotated[

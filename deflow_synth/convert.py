@@ -18,7 +18,7 @@ import signal
 import tempfile
 import time
 import unicodedata
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
@@ -243,7 +243,8 @@ def output_names(sources: list[str], extension: str, samples: int, flat: bool) -
     ``a/b_s1.png``, ... with several samples).
 
     Sources that would share a name (``b.jpg`` and ``b.png``) keep their extension in it
-    (``b.jpg.png``, ``b.png.png``); with ``flat``, subfolders are joined by ``__``.
+    (``b.jpg.png``, ``b.png.png``); with ``flat``, subfolders are joined by ``__``. Names that
+    still collide raise :class:`DeflowError`.
     """
 
     def base(source: str, keep_extension: bool) -> str:
@@ -255,10 +256,16 @@ def output_names(sources: list[str], extension: str, samples: int, flat: bool) -
         return f"{parent.replace('/', '__')}__{stem}" if flat else f"{parent}/{stem}"
 
     bases = {source: base(source, False) for source in sources}
-    counts: dict[str, int] = {}
-    for name in bases.values():
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(bases.values())
     bases = {s: base(s, True) if counts[b] > 1 else b for s, b in bases.items()}
+
+    owners: dict[str, str] = {}
+    for source, name in bases.items():
+        if name in owners:
+            raise DeflowError(
+                f"{source} and {owners[name]} would both be written as {name}; rename one"
+            )
+        owners[name] = source
 
     suffixes = [""] if samples == 1 else [f"_s{k}" for k in range(samples)]
     return [

@@ -128,6 +128,8 @@ def test_output_names_handle_samples_collisions_and_flat_folders():
     ]
     flat = output_names(["x/y/z.jpg", "x/y/w.png"], "tiff", 1, flat=True)
     assert flat == [Pair("x/y/z.jpg", ("x__y__z.tiff",)), Pair("x/y/w.png", ("x__y__w.tiff",))]
+    with pytest.raises(DeflowError, match=r"a\.png\.png and a\.png would both be written"):
+        output_names(["a.png", "a.jpg", "a.png.png"], "png", 1, flat=False)
 
 
 def test_image_seed_depends_on_seed_path_and_sample_only():
