@@ -196,35 +196,39 @@ def train(
     ],
     scale: Annotated[
         Optional[int],
-        typer.Option("--scale", help="SR factor: clean photos are downsampled by it [default 4]."),
+        typer.Option(
+            "--scale", help="SR factor: clean photos are downsampled by it.", show_default="4"
+        ),
     ] = None,
     preset: Annotated[
         Optional[Preset],
-        typer.Option("--preset", help="Model size and training defaults [default: small]."),
+        typer.Option("--preset", help="Model size and training defaults.", show_default="small"),
     ] = None,
     steps: Annotated[
-        Optional[int], typer.Option("--steps", help="Optimiser steps [default: per preset].")
+        Optional[int], typer.Option("--steps", help="Optimiser steps.", show_default="per preset")
     ] = None,
     batch_size: Annotated[
         Optional[int],
         typer.Option(
             "--batch-size",
-            help="Patches per step and device, half from each domain [default: per preset].",
+            help="Patches per step and device, half from each domain.", show_default="per preset",
         ),
     ] = None,
     patch_size: Annotated[
         Optional[int],
         typer.Option(
             "--patch-size",
-            help="Patch side at model resolution, a multiple of 8 [default: per preset].",
+            help="Patch side at model resolution, a multiple of 8.", show_default="per preset",
         ),
     ] = None,
     lr: Annotated[
-        Optional[float], typer.Option("--lr", help="Learning rate [default: per preset].")
+        Optional[float], typer.Option("--lr", help="Learning rate.", show_default="per preset")
     ] = None,
     shift_lr: Annotated[
         Optional[float],
-        typer.Option("--shift-lr", help="Learning rate of the domain shift [default: per preset]"),
+        typer.Option(
+            "--shift-lr", help="Learning rate of the domain shift.", show_default="per preset"
+        ),
     ] = None,
     normalize_colors: Annotated[
         Optional[bool],
@@ -241,19 +245,26 @@ def train(
         ),
     ] = None,
     device: DeviceOpt = Device.auto,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed [default: 0].")] = None,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(
+            "--seed", help="Seed of the weights, the data order and all noise.", show_default="0"
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")
     ] = False,
     checkpoint_every: Annotated[
         Optional[int],
-        typer.Option("--checkpoint-every", help="Steps between checkpoints [default: per preset]"),
+        typer.Option(
+            "--checkpoint-every", help="Steps between checkpoints.", show_default="per preset"
+        ),
     ] = None,
     validate_every: Annotated[
         Optional[int],
         typer.Option(
             "--validate-every",
-            help="Steps between validations and sample sheets [default: per preset].",
+            help="Steps between validations and sample sheets.", show_default="per preset",
         ),
     ] = None,
     jobs: Annotated[
