@@ -372,8 +372,7 @@ def prepare(
 
     # The LR image comes from the HR image as written, and stays unquantised like the clean
     # training images of the model.
-    lr = np.clip(imresize(np.divide(hr, 255, dtype=np.float32), 1 / scale), 0, 1)
-    lr = lr.astype(np.float32, copy=False)
+    lr = downsample(hr, scale)
     lr_height, lr_width = lr.shape[:2]
     pad_height, pad_width = -lr_height % multiple, -lr_width % multiple
     lr = np.pad(lr, ((0, pad_height), (0, pad_width), (0, 0)), mode="reflect")
@@ -383,8 +382,27 @@ def prepare(
 
 
 def quantize(image: np.ndarray) -> np.ndarray:
-    """Float [0, 1] image to uint8 (clipped and rounded)."""
-    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    """Float [0, 1] image to uint8 (clipped and rounded), with one float temporary."""
+    scaled = image * 255
+    np.clip(scaled, 0, 255, out=scaled)
+
+    return np.rint(scaled, out=scaled).astype(np.uint8)
+
+
+def downsample(image: np.ndarray, factor: int) -> np.ndarray:
+    """MATLAB bicubic downsampling of a uint8 (H, W, 3) image by ``factor``, as float32 [0, 1].
+
+    Channel by channel: the result is the same, and the peak memory a third.
+    """
+    from ._basicsr import imresize
+
+    channels = [
+        imresize(np.divide(image[:, :, c], 255, dtype=np.float32), 1 / factor)
+        for c in range(image.shape[2])
+    ]
+    result = np.stack(channels, axis=2).astype(np.float32, copy=False)
+
+    return np.clip(result, 0, 1, out=result)
 
 
 def write_pair_side(paths: list[Path], image: np.ndarray, image_format: str) -> None:

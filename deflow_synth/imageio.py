@@ -233,7 +233,11 @@ def cmyk_to_rgb(image: Image.Image, path: Path) -> Image.Image:
 
 
 def to_float(values: np.ndarray, maximum: int) -> np.ndarray:
-    return np.clip(values.astype(np.float32) / maximum, 0, 1)
+    """Integer values as float32 in [0, 1], computed in place (large images)."""
+    result = values.astype(np.float32)
+    result /= maximum
+
+    return np.clip(result, 0, 1, out=result)
 
 
 def flatten_alpha(values: np.ndarray) -> np.ndarray:
