@@ -363,10 +363,18 @@ class PatchSampler:
         patch_size: side P of the patches.
         seed: the run's seed.
         stream: separates the draws of different samplers with the same seed.
+        alignment: crop offsets are multiples of this, so that block-structured degradations
+            (JPEG and video codecs work on 8x8 blocks) keep their grid relative to the flow's
+            squeeze levels.
     """
 
     def __init__(
-        self, groups: Sequence[Sequence[CachedImage]], patch_size: int, seed: int, stream: int
+        self,
+        groups: Sequence[Sequence[CachedImage]],
+        patch_size: int,
+        seed: int,
+        stream: int,
+        alignment: int = 1,
     ):
         if not groups:
             raise ValueError("PatchSampler needs at least one image")
@@ -374,9 +382,15 @@ class PatchSampler:
         self.patch_size = patch_size
         self.seed = seed
         self.stream = stream
+        self.alignment = alignment
 
         areas = np.array([g[0].height * g[0].width for g in self.groups], dtype=np.float64)
         self.weights = areas / areas.sum()
+
+    def offset(self, rng: np.random.Generator, length: int) -> int:
+        """A random crop start along a side of ``length``, a multiple of the alignment."""
+        positions = (length - self.patch_size) // self.alignment + 1
+        return self.alignment * int(rng.integers(positions))
 
     def draw(self, step: int, count: int, rank: int = 0) -> list[np.ndarray]:
         """One (count, P, P, 3) float32 array per group member."""
@@ -387,8 +401,8 @@ class PatchSampler:
         members = [[] for _ in self.groups[0]]
         for index in picks:
             group = self.groups[index]
-            top = int(rng.integers(group[0].height - size + 1))
-            left = int(rng.integers(group[0].width - size + 1))
+            top = self.offset(rng, group[0].height)
+            left = self.offset(rng, group[0].width)
             flip_rows, flip_columns = rng.random(2) < 0.5
             for patches, image in zip(members, group, strict=True):
                 patch = image.crop(top, left, size)
@@ -493,7 +507,7 @@ class TrainingData:
 
     def make_samplers(self) -> None:
         config = self.config
-        seed, patch = config.seed, config.patch_size
+        seed, patch, align = config.seed, config.patch_size, config.crop_alignment
         split = (HELD_OUT_FRACTION, MAX_HELD_OUT, MIN_TRAINING_IMAGES)
 
         clean_train, clean_held = split_held_out(self.clean, *split)
@@ -510,15 +524,15 @@ class TrainingData:
         rank, world = self.rank, self.world_size
         self.samplers = {
             "clean": PatchSampler(
-                [[i] for i in shard(clean_train, rank, world)], patch, seed, CLEAN_STREAM
+                [[i] for i in shard(clean_train, rank, world)], patch, seed, CLEAN_STREAM, align
             ),
             "degraded": PatchSampler(
-                [[i] for i in shard(degraded_train, rank, world)], patch, seed, DEGRADED_STREAM
+                [[i] for i in shard(degraded_train, rank, world)], patch, seed, DEGRADED_STREAM, align
             ),
         }
         if self.pairs:
             self.samplers["paired"] = PatchSampler(
-                shard(self.pairs, rank, world), patch, seed, PAIRED_STREAM
+                shard(self.pairs, rank, world), patch, seed, PAIRED_STREAM, align
             )
 
         # Fixed validation patches: from held-out images when there are any.
@@ -528,7 +542,9 @@ class TrainingData:
         ):
             if not held:
                 logger.info("too few %s images to hold any out; validating on training ones", role)
-            source = PatchSampler([[i] for i in held or training], patch, seed, VALIDATION_STREAM)
+            source = PatchSampler(
+                [[i] for i in held or training], patch, seed, VALIDATION_STREAM, align
+            )
             self.validation[role] = source.draw(0, config.val_patches)[0]
         self.training = {"clean": clean_train, "degraded": degraded_train}
 

@@ -66,6 +66,8 @@ class TrainConfig:
         batch_size: patches per step and device, half from each domain (and as many pairs).
         patch_size: side of the patches at model resolution; a multiple of the preset's
             ``size_multiple``.
+        crop_alignment: patch offsets are multiples of this (8 keeps 8x8 codec blocks on the
+            grid of the flow's squeezes, as the official AIM configuration does).
         lr: Adam learning rate of the flow and the condition encoder.
         shift_lr: Adam learning rate of the domain shifts (mean and matrix).
         betas: Adam's moment decays.
@@ -86,6 +88,7 @@ class TrainConfig:
     steps: int = 4000
     batch_size: int = 16
     patch_size: int = 64
+    crop_alignment: int = 8
     lr: float = 5e-4
     shift_lr: float = 5e-3
     betas: tuple[float, float] = (0.9, 0.99)

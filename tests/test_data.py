@@ -246,3 +246,17 @@ def test_condition_images_are_the_patches_downsampled(cached):
 
     assert h.shape == (2, 4, 4, 3) and h.dtype == np.float32
     np.testing.assert_allclose(h[1], imresize(patches[1], 1 / 4), atol=1e-6)
+
+
+def test_patches_keep_the_8x8_block_grid(tmp_path):
+    rows, columns = np.meshgrid(np.arange(61), np.arange(77), indexing="ij")
+    block_id = (rows // 8) * 10 + columns // 8
+    image = np.repeat(block_id[:, :, None], 3, axis=2).astype(np.uint16)
+    path = tmp_path / "grid.npy"
+    np.save(path, image)
+    cached = CachedImage(source=tmp_path / "grid.png", array=path, height=61, width=77)
+
+    (patches,) = PatchSampler([[cached]], 16, seed=0, stream=0, alignment=8).draw(0, 30)
+
+    blocks = patches[:, :, :, 0].reshape(30, 2, 8, 2, 8)
+    assert (blocks == blocks[:, :, :1, :, :1]).all()
