@@ -83,7 +83,8 @@ def is_native(payload: Any) -> bool:
 
 def model_from_native(payload: dict[str, Any], path: Path) -> DeFlow:
     if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported format version {payload.get('format_version')}")
+        version = payload.get("format_version")
+        raise CheckpointError(f"{path}: unsupported format version {version}")
     try:
         config = DeFlowConfig.from_dict(payload["config"])
     except (KeyError, TypeError, ValueError) as error:

@@ -522,13 +522,14 @@ class TrainingData:
             self.counts["pairs"] = len(self.pairs)
 
         rank, world = self.rank, self.world_size
+
+        def sampler(images, stream):
+            groups = [[image] for image in shard(images, rank, world)]
+            return PatchSampler(groups, patch, seed, stream, align)
+
         self.samplers = {
-            "clean": PatchSampler(
-                [[i] for i in shard(clean_train, rank, world)], patch, seed, CLEAN_STREAM, align
-            ),
-            "degraded": PatchSampler(
-                [[i] for i in shard(degraded_train, rank, world)], patch, seed, DEGRADED_STREAM, align
-            ),
+            "clean": sampler(clean_train, CLEAN_STREAM),
+            "degraded": sampler(degraded_train, DEGRADED_STREAM),
         }
         if self.pairs:
             self.samplers["paired"] = PatchSampler(

@@ -91,7 +91,8 @@ class DomainShift(nn.Module):
         """
         matrix = self.matrix.double()
         gram = matrix @ matrix.T
-        precision = torch.linalg.inv(torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) + gram)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        precision = torch.linalg.inv(eye + gram)
         posterior_cov = gram @ precision
 
         values, vectors = torch.linalg.eigh(0.5 * (posterior_cov + posterior_cov.T))

@@ -240,7 +240,8 @@ def test_ignored_official_keys_are_the_ones_without_effect():
     ignored = {k for k, *_ in manifest["keys"] if native_key(k, config, layers) is None}
 
     facts = manifest["vector_facts"]
-    assert ignored == set(facts["params_without_effect"]) | set(facts["params_requires_grad_false"])
+    expected = set(facts["params_without_effect"]) | set(facts["params_requires_grad_false"])
+    assert ignored == expected
 
 
 def test_module_prefix_is_tolerated():
