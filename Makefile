@@ -58,13 +58,13 @@ flickr2k: install
 	$(PY) scripts/download_dataset.py flickr2k $(DATA)
 	$(DEFLOW) degrade $(DATA)/Flickr2K/Flickr2K_HR $(DATA)/Flickr2K_pairs $(MODEL_OPT)
 
-# The shipped default model: train the small preset on the shared photo set (about 50 min on 2
+# The shipped default model: train the small preset on the shared photo set (about 40 min on 2
 # CPU cores), check it against the held-out pairs and publish it in pretrained/.
 PRETRAINED_DATA ?= ../shared/data
 PRETRAINED_RUN ?= runs/pretrained-small-x4
 pretrained: install
 	OMP_NUM_THREADS=2 $(DEFLOW) train --clean $(PRETRAINED_DATA)/clean \
 		--degraded $(PRETRAINED_DATA)/degraded --out $(PRETRAINED_RUN) --preset small \
-		--steps 6000 --seed 0 --device cpu --resume
+		--steps 4500 --seed 0 --device cpu --resume
 	$(PY) scripts/publish_pretrained.py $(PRETRAINED_RUN) --data $(PRETRAINED_DATA) \
 		--out pretrained --command "make pretrained"

@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("pretrained"))
     parser.add_argument("--command", default="make pretrained")
+    parser.add_argument("--note", default="", help="how the run differed from --command")
     args = parser.parse_args()
 
     model_path = args.run_dir / "model.pt"
@@ -107,6 +108,7 @@ def main() -> None:
     card.update(
         name=MODEL_NAME,
         command=args.command,
+        training_note=args.note,
         licence=LICENCE,
         evaluation=evaluation,
     )
