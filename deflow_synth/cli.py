@@ -429,9 +429,14 @@ def degrade(
     ] = 1,
     seed: SeedOpt = 0,
     temperature: Annotated[
-        float,
-        typer.Option("--temperature", min=0.0, help="Scale of the random part of the shift u."),
-    ] = 1.0,
+        Optional[float],
+        typer.Option(
+            "--temperature",
+            min=0.0,
+            help="Scale of the random part of the shift u (default: the model card's "
+            "calibrated temperature, else 1).",
+        ),
+    ] = None,
     scale: Annotated[
         int,
         typer.Option(
@@ -479,6 +484,10 @@ def degrade(
     from .convert import DegradeOptions, degrade_folder, load_for_degrade, parse_shard
 
     device_name = resolve_device(device)
+    deflow, model_info = load_for_degrade(model, yaml, device_name)
+    if temperature is None:
+        temperature = float(model_info.card.get("temperature", 1.0))
+
     options = DegradeOptions(
         scale=scale,
         samples=samples,
@@ -493,7 +502,6 @@ def degrade(
         flat=flat,
         image_format=image_format.value,
     )
-    deflow, model_info = load_for_degrade(model, yaml, device_name)
 
     progress = DegradeProgress()
     try:

@@ -3,11 +3,12 @@
     python scripts/publish_pretrained.py runs/pretrained-small-x4 --data ../shared/data \
         --out pretrained --command "make pretrained"
 
-Steps: degrade the held-out clean photos (DATA/val/hr) with the run's model; make their bicubic
-counterparts; compare both, with `deflow-synth inspect`, against the true degraded LR versions
-(DATA/val/lr) and against the degraded training images the run held out; then write
-OUT/deflow-small-x4.pt whose card carries the training card, these figures, the command and
-licence notes, and the same card as OUT/deflow-small-x4.json.
+Steps: pick the temperature whose pairs match the degraded training images best in noise
+level (unpaired, like training); degrade the held-out clean photos (DATA/val/hr) with it; make
+their bicubic counterparts; compare both, with `deflow-synth inspect`, against the true
+degraded LR versions (DATA/val/lr) and against the degraded training images the run held out;
+then write OUT/deflow-small-x4.pt whose card carries the training card, the temperature, these
+figures, the command and licence notes, and the same card as OUT/deflow-small-x4.json.
 """
 
 import argparse
@@ -33,6 +34,7 @@ LICENCE = (
     "(mostly GPL or CC-BY-SA, see each package's copyright file) and, for evaluation only, "
     "scikit-image sample photos (public domain or CC0). Released under the project's licence."
 )
+CALIBRATION_TEMPERATURES = (0.25, 0.5, 0.75, 1.0)
 SUMMARY_KEYS = ("channel_std", "intensity_std", "high_low_ratio", "block_ratio",
                 "mean_color_correlation")
 
@@ -75,6 +77,28 @@ def inspect(generated: Path, real: Path, out: Path, clean: Path | None = None) -
     }
 
 
+def calibrate_temperature(model_path: Path, data: Path, work: Path) -> tuple[float, dict]:
+    """The temperature whose pairs match the degraded training images best in noise level.
+
+    Unpaired, like training: the clean training photos are degraded at each candidate
+    temperature and compared with the degraded training images (other photos) by the noise
+    part of `deflow-synth inspect`'s distance.
+    """
+    distances = {}
+    for temperature in CALIBRATION_TEMPERATURES:
+        pairs = work / f"calibration-{temperature}"
+        deflow("degrade", str(data / "clean"), str(pairs), "--model", str(model_path),
+               "--seed", "0", "--device", "cpu", "--temperature", str(temperature))
+        report_dir = work / f"calibration-{temperature}-report"
+        report = inspect(pairs / "lr", data / "degraded", report_dir)
+        distances[str(temperature)] = report["distance"]["noise"]
+
+    best = min(CALIBRATION_TEMPERATURES, key=lambda t: distances[str(t)])
+    method = ("noise distance of deflow-synth inspect between the clean training photos "
+              "degraded at each temperature and the degraded training images")
+    return best, {"method": method, "noise_distance": distances}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -88,8 +112,9 @@ def main() -> None:
     work = args.run_dir / "evaluation"
     pairs, bicubic = work / "pairs", work / "bicubic"
 
+    temperature, calibration = calibrate_temperature(model_path, args.data, work)
     deflow("degrade", str(args.data / "val/hr"), str(pairs), "--model", str(model_path),
-           "--seed", "0", "--device", "cpu")
+           "--seed", "0", "--device", "cpu", "--temperature", str(temperature))
     run(sys.executable, "scripts/bicubic_downsample.py", str(args.data / "val/hr"), str(bicubic))
     held_out = held_out_degraded(args.data / "degraded", work)
 
@@ -107,6 +132,8 @@ def main() -> None:
     card = read_card(model_path)
     card.update(
         name=MODEL_NAME,
+        temperature=temperature,
+        temperature_calibration=calibration,
         command=args.command,
         training_note=args.note,
         licence=LICENCE,
