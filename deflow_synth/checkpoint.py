@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,14 @@ def safe_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # Files from other pickle protocols draw a warning before they are refused.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path}: refused to load: the file holds objects other than tensors and plain "
-            "containers, which could run code when unpickled"
+            f"{path}: refused to load: not a checkpoint of tensors and plain containers (it is "
+            "damaged, not a checkpoint, or holds objects that could run code when unpickled)"
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from error

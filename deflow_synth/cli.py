@@ -433,6 +433,7 @@ def degrade(
         typer.Option(
             "--temperature",
             min=0.0,
+            max=10.0,
             help="Scale of the random part of the shift u (default: the model card's "
             "calibrated temperature, else 1).",
         ),

@@ -590,14 +590,15 @@ def degrade_folder(
         on_result: called with each image's :class:`ImageResult`.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if input_dir.resolve() == output_dir.resolve():
-        raise DeflowError(f"{output_dir}: the output folder must not be the input folder")
+    check_folders(input_dir, output_dir)
     started = time.perf_counter()
     summary = Summary()
     settings = run_settings(model_info, options)
     tile, batch_size = tile_and_batch(model, options)
 
     sources = list_images(input_dir, exclude=output_dir)
+    if not sources:
+        raise DeflowError(f"{input_dir}: the input folder holds no files")
     pairs = output_names(sources, options.image_format, options.samples, options.flat)
     pairs = [p for p in pairs if shard_of(p.source, options.shard[1]) == options.shard[0]]
     summary.subfolders = any("/" in name for pair in pairs for name in pair.names)
@@ -798,7 +799,7 @@ def record_path(output_dir: Path, name: str) -> Path:
 
 def read_record(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
     except (OSError, ValueError):
         return None
 
@@ -816,14 +817,38 @@ def is_finished(output_dir: Path, pair: Pair, settings: dict[str, Any]) -> bool:
     )
 
 
+def check_folders(input_dir: Path, output_dir: Path) -> None:
+    """Refuse output folders that would overwrite the input, and ones that cannot be written."""
+    source, target = input_dir.resolve(), output_dir.resolve()
+    if source == target:
+        raise DeflowError(f"{output_dir}: the output folder must not be the input folder")
+    if source.is_relative_to(target):
+        raise DeflowError(
+            f"{input_dir}: the input folder lies inside the output folder {output_dir}, whose "
+            "files would overwrite it; choose another output folder"
+        )
+    if not input_dir.is_dir():
+        raise DeflowError(f"{input_dir}: input folder not found")
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise DeflowError(f"{output_dir}: cannot write to the output folder ({error})") from error
+
+
 def check_settings(output_dir: Path, pairs: list[Pair], settings: dict[str, Any]) -> None:
-    """Refuse to mix pairs made with other settings (model, seed, scale, ...) into a folder."""
-    for pair in pairs:
-        record = read_record(record_path(output_dir, pair.names[0]))
+    """Refuse to mix pairs made with other settings (model, seed, scale, samples, format, ...)
+    into a folder: any finished pair there must carry this run's settings key."""
+    records = output_dir / RECORDS_DIR
+    for path in sorted(records.rglob("*.json")) if records.is_dir() else []:
+        record = read_record(path)
         if record is not None and record.get("settings") != settings["key"]:
+            name = path.relative_to(records).with_suffix("")
             raise DeflowError(
-                f"{output_dir}: holds pairs made with other settings (such as "
-                f"{pair.names[0]}); use --overwrite to redo them or choose another folder"
+                f"{output_dir}: holds pairs made with other settings (such as {name}); "
+                "use --overwrite to redo them or choose another folder"
             )
 
 
@@ -880,7 +905,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
+        with os.fdopen(handle, "w", encoding="utf-8", errors="surrogateescape") as file:
             file.write(text)
         os.replace(temporary, path)
     except BaseException:

@@ -117,8 +117,16 @@ class TrainConfig:
             raise DeflowError(f"--scale: expected a positive integer, got {self.scale}")
         if self.steps < 1:
             raise DeflowError(f"--steps: expected at least 1, got {self.steps}")
-        if not (self.lr > 0 and self.shift_lr > 0):
-            raise DeflowError(f"learning rates must be positive, got {self.lr}, {self.shift_lr}")
+        if not all(math.isfinite(r) and r > 0 for r in (self.lr, self.shift_lr)):
+            raise DeflowError(
+                f"learning rates must be positive and finite, got {self.lr}, {self.shift_lr}"
+            )
+        for name in ("checkpoint_every", "validate_every", "log_every"):
+            if getattr(self, name) < 1:
+                option = "--" + name.replace("_", "-")
+                raise DeflowError(f"{option}: expected at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise DeflowError(f"--seed: expected a non-negative integer, got {self.seed}")
 
     def model_config(self) -> DeFlowConfig:
         return preset(self.preset, color_normalization=self.normalize_colors)
@@ -613,12 +621,16 @@ def train(
     """
     if not resume:
         config.check()
+    check_run_dir(run_dir, folders)
     context = start_distributed(device)
     handler, level = None, logger.level
     try:
         if context.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            handler = _attach_log_file(run_dir / "train.log")
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                handler = _attach_log_file(run_dir / "train.log")
+            except OSError as error:
+                raise DeflowError(f"{run_dir}: cannot write the run folder ({error})") from error
         return _train(folders, run_dir, config, context, resume, jobs, on_progress)
     except DeflowError as error:
         # Logged below warning level: the caller reports the error itself.
@@ -759,10 +771,14 @@ def _loop(
                 logger.warning("step %d skipped: loss %s, gradient norm %s",
                                step, loss.item(), norm.item())
                 if bad_in_row >= config.max_bad_steps:
+                    saved = (
+                        f"the last good checkpoint {checkpoint} is intact"
+                        if checkpoint.is_file() else "no checkpoint had been written yet"
+                    )
                     raise TrainingDiverged(
-                        f"training diverged: {bad_in_row} steps in a row up to step {step} had "
-                        f"a non-finite loss or gradient; the last good checkpoint "
-                        f"{checkpoint} is intact; resume it with a lower --lr"
+                        f"training diverged: {bad_in_row} steps in a row before step {step + 1} "
+                        f"had a non-finite loss or gradient; {saved}. Start a new run with a "
+                        "lower --lr (a resumed run keeps its settings)"
                     )
             else:
                 bad_in_row = 0
@@ -816,6 +832,17 @@ def _loop(
     result.model = export(model, run_dir, card)
 
     return result
+
+
+def check_run_dir(run_dir: Path, folders: DataFolders) -> None:
+    """Refuse a run folder inside a data folder: its sample sheets would become training data."""
+    target = run_dir.resolve()
+    for folder in (folders.clean, folders.degraded, folders.paired):
+        if folder is not None and target.is_relative_to(Path(folder).resolve()):
+            raise DeflowError(
+                f"{run_dir}: the run folder lies inside the data folder {folder}; its sample "
+                "sheets would be read as training images. Choose a run folder elsewhere"
+            )
 
 
 def export(model: DeFlow, run_dir: Path, card: dict[str, Any]) -> Path:

@@ -386,3 +386,31 @@ def test_missing_default_model_is_a_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(DeflowError, match=r"default model is missing .*nowhere\.pt.*--model"):
         load_for_degrade(None, None, "cpu")
+
+
+def test_changed_sample_count_or_format_is_refused_without_overwrite(photos, tmp_path, model, info):
+    out = tmp_path / "pairs"
+    run(photos, out, model, info)
+
+    with pytest.raises(DeflowError, match="other settings"):
+        run(photos, out, model, info, samples=2)
+    with pytest.raises(DeflowError, match="other settings"):
+        run(photos, out, model, info, image_format="bmp")
+
+
+def test_input_inside_the_output_folder_is_refused(photos, model, info):
+    run(photos, photos.parent / "nest", model, info)
+
+    with pytest.raises(DeflowError, match="inside the output folder"):
+        run(photos.parent / "nest" / "hr", photos.parent / "nest", model, info)
+
+
+def test_empty_input_and_unwritable_output_are_explained(tmp_path, photos, model, info):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DeflowError, match="holds no files"):
+        run(tmp_path / "empty", tmp_path / "out", model, info)
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DeflowError, match="cannot write"):
+        run(photos, blocker, model, info)

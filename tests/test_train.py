@@ -23,6 +23,7 @@ from deflow_synth.train import (
     DataFolders,
     TrainConfig,
     TrainingDiverged,
+    check_run_dir,
     load_training_state,
     make_optimizer,
     set_learning_rates,
@@ -315,3 +316,24 @@ def test_a_domain_without_usable_images_refuses_to_start(tmp_path, tiny_preset):
     with pytest.raises(DeflowError, match=r"no usable degraded images .* all 2 files"):
         train(folders, tmp_path / "run", tiny_preset, device="cpu")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"lr": float("inf")}, "finite"),
+        ({"checkpoint_every": 0}, "--checkpoint-every"),
+        ({"validate_every": 0}, "--validate-every"),
+        ({"seed": -5}, "--seed"),
+    ],
+)
+def test_invalid_settings_are_refused_before_training(overrides, message):
+    with pytest.raises(DeflowError, match=message):
+        train_config("small", **overrides).check()
+
+
+def test_run_folder_inside_a_data_folder_is_refused(tmp_path):
+    folders = DataFolders(tmp_path / "clean", tmp_path / "degraded")
+    with pytest.raises(DeflowError, match="inside the data folder"):
+        check_run_dir(tmp_path / "clean" / "run", folders)
+    check_run_dir(tmp_path / "runs" / "one", folders)
