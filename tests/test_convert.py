@@ -388,7 +388,7 @@ def test_missing_default_model_is_a_clear_error(tmp_path, monkeypatch):
         load_for_degrade(None, None, "cpu")
 
 
-def test_changed_sample_count_or_format_is_refused_without_overwrite(photos, tmp_path, model, info):
+def test_changed_samples_or_format_are_refused_without_overwrite(photos, tmp_path, model, info):
     out = tmp_path / "pairs"
     run(photos, out, model, info)
 
