@@ -172,7 +172,12 @@ def describe_model(path: Path | None, yaml: Path | None = None) -> str:
     card = read_card(path)
     if card:
         lines.append(f"card: {json.dumps(card, indent=2)}")
-    cuda = torch.cuda.is_available()
-    lines.append(f"devices: cpu{', cuda (' + torch.cuda.get_device_name() + ')' if cuda else ''}")
 
     return "\n".join(lines)
+
+
+def describe_devices() -> str:
+    """The devices a model can run on here."""
+    if torch.cuda.is_available():
+        return f"devices: cpu, cuda ({torch.cuda.get_device_name()})"
+    return "devices: cpu"

@@ -55,10 +55,11 @@ def fail(message: str, code: int = 1) -> None:
 @app.command()
 def info(model: ModelOpt = None, yaml: YamlOpt = None) -> None:
     """Show the version, the devices and a model's architecture and card."""
-    from .checkpoint import describe_model
+    from .checkpoint import describe_devices, describe_model
 
     out.print(f"deflow-synth {__version__}")
-    out.print(describe_model(model, yaml))
+    out.print(describe_devices())
+    out.print(describe_model(model, yaml), highlight=False)
 
 
 # inspect: compare the degradation statistics of two folders
