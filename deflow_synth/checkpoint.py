@@ -9,13 +9,13 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_write
 from .config import DeFlowConfig
 from .errors import CheckpointError
 from .model import DeFlow
@@ -35,18 +35,8 @@ def default_model_path() -> Path:
 
 def atomic_torch_save(payload: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, durable=True) as file:
+        torch.save(payload, file)
 
 
 def save_model(model: DeFlow, path: Path, card: dict[str, Any] | None = None) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .atomic import write_json_atomic, write_text_atomic
 from .errors import DeflowError
 from .imageio import ImageError, UnusableImageError, read_image, write_image_atomic
 from .log import logger
@@ -894,20 +895,3 @@ def write_index(output_dir: Path, settings: dict[str, Any]) -> None:
         "pairs": [{k: v for k, v in r.items() if k != "settings"} for r in records],
     }
     write_json_atomic(output_dir / MANIFEST, manifest)
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text via a temporary file in the same folder, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", errors="surrogateescape") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

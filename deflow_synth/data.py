@@ -9,7 +9,6 @@ and the step, which is what lets an interrupted run resume exactly where it stop
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._basicsr import imresize
+from .atomic import atomic_write
 from .errors import DeflowError
 from .log import logger
 from .shift import CLEAN, DEGRADED
@@ -222,10 +222,8 @@ def _cache_one(source: Path, downscale: int, target: Path) -> _CacheResult:
         image = np.clip(imresize(image, 1 / downscale), 0, 1)
 
     quantized = np.round(image * CACHE_LEVELS).astype(np.uint16)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as file:
+    with atomic_write(target) as file:
         np.save(file, quantized)
-    os.replace(temporary, target)
 
     return _CacheResult(quantized.shape[:2], None, note)
 

@@ -8,14 +8,13 @@ names the file and the reason.
 """
 
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
+from .atomic import atomic_write
 from .errors import DeflowError
 from .log import logger
 
@@ -276,14 +275,5 @@ def write_image_atomic(path: Path, array: np.ndarray, image_format: str = "PNG")
         raise ValueError(
             f"array: expected shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}"
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            Image.fromarray(array).save(file, format=image_format)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as file:
+        Image.fromarray(array).save(file, format=image_format)

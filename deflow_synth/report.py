@@ -7,9 +7,6 @@ counterparts of the generated images, the exact residuals (generated minus clean
 measured as well. The report is a JSON-ready dict, written with a PNG figure of its curves.
 """
 
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import stats
+from .atomic import write_json_atomic
 from .data import SkippedFile, list_images, match_pairs
 from .errors import DeflowError
 from .imageio import ImageError, read_image
@@ -182,17 +180,6 @@ def build_report(generated: FolderStatistics, real: FolderStatistics) -> dict:
     return report
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     """Write the report as JSON and its figure as PNG into a folder, each file atomically.
 
@@ -209,7 +196,7 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, figure_path = out_dir / JSON_NAME, out_dir / FIGURE_NAME
 
-    _write_atomic(json_path, (json.dumps(report, indent=2) + "\n").encode())
+    write_json_atomic(json_path, report, indent=2)
     write_png_atomic(figure_path, np.asarray(report_figure(report)))
 
     return json_path, figure_path

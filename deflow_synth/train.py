@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .atomic import atomic_write, write_json_atomic
 from .config import PRESETS, DeFlowConfig, preset
 from .data import VALIDATION_STREAM, SkippedFile, TrainingData
 from .errors import DeflowError
@@ -448,10 +449,8 @@ def sample_sheet(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
             pixels = pixels.resize((tile, tile), Image.Resampling.NEAREST)
             sheet.paste(pixels, (label_width + column * (tile + gap), top))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    sheet.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    with atomic_write(path) as file:
+        sheet.save(file, format="PNG")
 
 
 # Checkpoints
@@ -551,12 +550,6 @@ def model_card(
         "final_nll_bits_per_dim": {k: round(v, 5) for k, v in validation.items()},
         "train_config": asdict(config),
     }
-
-
-def write_json(payload: dict[str, Any], path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 # Signals
@@ -851,7 +844,7 @@ def export(model: DeFlow, run_dir: Path, card: dict[str, Any]) -> Path:
 
     path = run_dir / "model.pt"
     save_model(model, path, card)
-    write_json(card, run_dir / "model.json")
+    write_json_atomic(run_dir / "model.json", card, indent=2)
     logger.info("exported %s", path)
 
     return path
