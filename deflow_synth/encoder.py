@@ -58,7 +58,9 @@ class ConditionEncoder(nn.Module):
         """Condition features for each level, level 1 (finest) first."""
         feature, stack = self.trunk(h)
 
-        by_factor = {1.0: feature, 0.5: F.avg_pool2d(feature, 2)}
+        by_factor = {1.0: feature}
+        if 0.5 in self.factors:
+            by_factor[0.5] = F.avg_pool2d(feature, 2)
         up = feature
         for index, conv in enumerate(self.conv_up):
             up = F.leaky_relu(conv(F.interpolate(up, scale_factor=2, mode="nearest")), LEAKY_SLOPE)
